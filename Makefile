@@ -1,0 +1,44 @@
+# stockpot: `make demo` runs the main job, `make test` the test suite. Each
+# installs what it needs first (Debian's dataset-fashion-mnist, a virtualenv
+# from the pinned requirements.txt, the TFDS build of Fashion-MNIST), and
+# every step is skipped when already done.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export TFDS_DATA_DIR ?= $(HOME)/tensorflow_datasets
+FMNIST_DEB := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+FMNIST_TFDS := $(TFDS_DATA_DIR)/fashion_mnist/3.0.1/dataset_info.json
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test test-fast deps data clean-demo
+
+demo: data
+	$(PY) -m train --config=configs/fashion_mnist.py:stage=pretrain --workdir=runs/demo/pretrain
+	$(PY) -m train --config=configs/fashion_mnist.py:init=runs/demo/pretrain/final/params.npz \
+	    --workdir=runs/demo/finetune
+
+test: data
+	$(PY) -m pytest tests
+
+test-fast: data
+	$(PY) -m pytest tests -m "not slow"
+
+deps: $(VENV)/.installed $(FMNIST_DEB)
+
+data: deps $(FMNIST_TFDS)
+
+$(FMNIST_DEB):
+	$(SUDO) apt-get install -y dataset-fashion-mnist || \
+	  ($(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist)
+
+$(VENV)/.installed: requirements.txt
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(FMNIST_TFDS): | $(VENV)/.installed $(FMNIST_DEB)
+	$(PY) -m train.packaged_data --data_dir=$(TFDS_DATA_DIR)
+
+clean-demo:
+	rm -rf runs/demo

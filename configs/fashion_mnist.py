@@ -1,0 +1,65 @@
+r"""Fashion-MNIST, the embedded default: pre-train upstream, fine-tune downstream.
+
+The ten classes are split in two tasks. Upstream (T-shirt, pullover, coat,
+shirt, bag) pre-trains a small ViT from scratch and exports it as a
+big_vision `.npz`; downstream (trouser, dress, sandal, sneaker, ankle boot)
+fine-tunes from that `.npz`, as one would fine-tune an ImageNet-21k ViT.
+Data builds offline from Debian's dataset-fashion-mnist (see README).
+
+Pre-train, then fine-tune from the exported weights:
+
+  python -m train --config=configs/fashion_mnist.py:stage=pretrain \
+      --workdir=runs/fmnist_pretrain
+  python -m train \
+      --config=configs/fashion_mnist.py:init=runs/fmnist_pretrain/final/params.npz \
+      --workdir=runs/fmnist_finetune --config.lr=0.03
+
+Arguments: stage=pretrain|finetune (default finetune), init=<npz> (finetune),
+variant=<ViT variant> (default pico/4), runlocal (a smoke run of a few steps).
+"""
+
+from configs import common
+
+UPSTREAM_CLASSES = (0, 2, 4, 6, 8)
+DOWNSTREAM_CLASSES = (1, 3, 5, 7, 9)
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, stage="finetune", init="", variant="pico/4", runlocal=False)
+  if arg.stage not in ("pretrain", "finetune"):
+    raise ValueError(f"stage={arg.stage!r}: expected 'pretrain' or 'finetune'")
+  pretrain = arg.stage == "pretrain"
+  config = common.base_config()
+
+  config.input.dataset = "fashion_mnist"
+  config.input.classes = UPSTREAM_CLASSES if pretrain else DOWNSTREAM_CLASSES
+  config.num_classes = len(config.input.classes)
+  config.input.train_split = "train[:90%]"
+  config.input.heldout_split = "train[90%:]"
+  config.input.test_split = "test"
+  pp = f"decode(channels=1)|value_range(-1, 1)|onehot({config.num_classes})"
+  config.input.pp_train = pp
+  config.input.pp_eval = pp
+
+  config.model.variant = arg.variant
+  config.model_init = "" if pretrain else arg.init
+
+  config.batch_size = 128
+  config.total_steps = 1500 if pretrain else 300
+  config.optimizer.name = "adamw" if pretrain else "sgd"
+  config.optimizer.weight_decay = 1e-4 if pretrain else 0.0
+  config.lr = 1e-3 if pretrain else 0.03
+  config.schedule.warmup_steps = 100 if pretrain else 20
+  config.schedule.decay = "cosine"
+  config.checkpoint.every_steps = 100
+  config.log_every_steps = 25
+
+  if arg.runlocal:
+    config.total_steps = 20
+    config.batch_size = 32
+    config.schedule.warmup_steps = 2
+    config.checkpoint.every_steps = 10
+    config.log_every_steps = 5
+    config.input.heldout_split = "train[90%:92%]"
+    config.input.test_split = "test[:10%]"
+  return common.finalize(config)

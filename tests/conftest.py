@@ -1,0 +1,31 @@
+"""Shared fixtures: 8 fake CPU devices, the prepared Fashion-MNIST, a pre-trained tiny ViT."""
+
+import os
+
+# Before jax is imported anywhere: in-process tests see 8 CPU devices.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # pylint: disable=g-import-not-at-top
+
+from tests.helpers import run_module  # pylint: disable=g-import-not-at-top
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+  """TFDS data dir holding fashion_mnist, built offline from the Debian files if needed."""
+  from train import packaged_data  # pylint: disable=g-import-not-at-top
+  builder = packaged_data.prepare_fashion_mnist(os.environ.get("TFDS_DATA_DIR") or None)
+  return builder.data_dir_root
+
+
+@pytest.fixture(scope="session")
+def pretrained_npz(tmp_path_factory, data_dir):
+  """A pico/4 ViT pre-trained on the upstream Fashion-MNIST classes, exported to .npz."""
+  workdir = tmp_path_factory.mktemp("upstream")
+  run_module("train", "--config=configs/fashion_mnist.py:stage=pretrain",
+             f"--workdir={workdir}", f"--config.input.data_dir={data_dir}",
+             "--config.total_steps=300", "--config.log_every_steps=100",
+             "--config.final_eval_weights=('params',)")
+  return os.path.join(workdir, "final", "params.npz")

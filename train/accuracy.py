@@ -1,0 +1,54 @@
+"""Top-1 accuracy and loss of a model on a whole split, sharded over the mesh.
+
+Examples are split over every mesh axis; the last, partial global batch is
+padded and masked, so each example counts exactly once. A prediction is
+correct when its top-1 class has a positive target (`labels[argmax] > 0`),
+which also scores multi-label splits such as ImageNet-ReaL.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from train import data
+from train import sharding
+
+
+def _batch_sums(logits, labels, mask, loss_fn):
+  top1 = jnp.argmax(logits, axis=-1)
+  correct = jnp.take_along_axis(labels, top1[:, None], axis=-1)[:, 0] > 0
+  return {"correct": jnp.sum(correct * mask), "loss": jnp.sum(loss_fn(logits, labels) * mask),
+          "count": jnp.sum(mask)}
+
+
+class SplitAccuracy:
+  """`evaluate(params)` -> {'accuracy', 'loss', 'num_examples'} on one split."""
+
+  def __init__(self, model, mesh, split, preprocess_fn, batch_size, loss_fn,
+               params_sharding, num_threads=0):
+    self.mesh, self.split, self.preprocess_fn = mesh, split, preprocess_fn
+    self.batch_size, self.num_threads = batch_size, num_threads
+    self.batch_sharding = sharding.batch_sharding(mesh)
+
+    def batch_sums(params, batch):
+      logits = model.apply({"params": params}, batch["image"])
+      return _batch_sums(logits, batch["labels"], batch["mask"], loss_fn)
+
+    self._batch_sums = jax.jit(
+        batch_sums, in_shardings=(params_sharding, self.batch_sharding),
+        out_shardings=sharding.replicated(mesh))
+
+  def evaluate(self, params):
+    totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+    batches = data.eval_batches(
+        self.split, self.preprocess_fn, self.batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        num_threads=self.num_threads)
+    for host_batch in batches:
+      batch = sharding.to_global(
+          {k: host_batch[k] for k in ("image", "labels", "mask")}, self.batch_sharding)
+      sums = self._batch_sums(params, batch)
+      totals = jax.tree.map(lambda t, s: t + s, totals, sums)
+    totals = jax.tree.map(lambda x: float(np.asarray(x)), totals)
+    return {"accuracy": totals["correct"] / totals["count"],
+            "loss": totals["loss"] / totals["count"], "num_examples": int(totals["count"])}

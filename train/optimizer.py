@@ -1,0 +1,61 @@
+"""The optax optimizer and learning-rate schedule a config asks for.
+
+`config.optimizer.name`: 'sgd' (momentum, optionally Nesterov), 'adam' or
+'adamw'; `config.lr` with `config.schedule` (linear warmup, then 'cosine',
+'linear' or 'constant' decay to `end_lr_fraction * lr`); gradient clipping by
+global norm. Weight decay applies to the leaves matching
+`config.optimizer.weight_decay_pattern`: as an L2 gradient term for 'sgd' and
+'adam' (PyTorch's convention), decoupled and schedule-scaled for 'adamw'.
+"""
+
+import re
+
+import jax
+import optax
+
+from train import trees
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+DECAYS = ("cosine", "linear", "constant")
+
+
+def make_schedule(lr, schedule, total_steps):
+  """Linear warmup from 0 to `lr`, then decay to `lr * end_lr_fraction` at `total_steps`."""
+  if schedule.decay not in DECAYS:
+    raise ValueError(f"config.schedule.decay={schedule.decay!r}; known: {DECAYS}")
+  if not 0 <= schedule.warmup_steps < total_steps:
+    raise ValueError(f"config.schedule.warmup_steps={schedule.warmup_steps} must be in "
+                     f"[0, config.total_steps={total_steps})")
+  decay_steps = total_steps - schedule.warmup_steps
+  decay = {
+      "cosine": lambda: optax.cosine_decay_schedule(lr, decay_steps, alpha=schedule.end_lr_fraction),
+      "linear": lambda: optax.linear_schedule(lr, lr * schedule.end_lr_fraction, decay_steps),
+      "constant": lambda: optax.constant_schedule(lr),
+  }[schedule.decay]()
+  warmup = optax.linear_schedule(0.0, lr, schedule.warmup_steps)
+  return optax.join_schedules([warmup, decay], [schedule.warmup_steps])
+
+
+def _weight_decay(opt):
+  pattern = re.compile(opt.weight_decay_pattern)
+  mask = lambda params: jax.tree_util.tree_map_with_path(  # pylint: disable=g-long-lambda
+      lambda path, _: bool(pattern.fullmatch(trees.path_str(path))), params)
+  return optax.add_decayed_weights(opt.weight_decay, mask=mask)
+
+
+def make_optimizer(config):
+  """Returns (optax transform, schedule) for `config.optimizer`, `lr`, `schedule`."""
+  opt = config.optimizer
+  if opt.name not in OPTIMIZERS:
+    raise ValueError(f"config.optimizer.name={opt.name!r}; known: {OPTIMIZERS}")
+  schedule = make_schedule(config.lr, config.schedule, config.total_steps)
+  decay = [_weight_decay(opt)] if opt.weight_decay else []
+  clip = [optax.clip_by_global_norm(opt.grad_clip_norm)] if opt.grad_clip_norm > 0 else []
+  if opt.name == "sgd":
+    base = [optax.trace(decay=opt.momentum, nesterov=opt.nesterov)] if opt.momentum else []
+    parts = clip + decay + base
+  elif opt.name == "adam":
+    parts = clip + decay + [optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps)]
+  else:
+    parts = clip + [optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps)] + decay
+  return optax.chain(*parts, optax.scale_by_learning_rate(schedule)), schedule

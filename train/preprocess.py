@@ -1,0 +1,102 @@
+"""Preprocessing as a string: `decode|resize(32)|value_range(-1, 1)|onehot(10)`.
+
+Each op is a factory `op(*args, **kwargs)` returning a function
+`(example, seed) -> example` on one example's dict of TF tensors. `seed` is a
+stateless-RNG seed (int64[2]) unique to the example and the op's position in
+the pipeline, so random ops are reproducible from (run seed, example position)
+and independent of threading. Ops live in `OPS`; an unknown name is an error
+listing the known ones.
+"""
+
+import tensorflow as tf
+
+from train import call_spec
+
+
+def decode(channels=3, key="image"):
+  """Decodes encoded image bytes (PNG/JPEG/...) into uint8 [H, W, channels]."""
+  def op(example, seed):
+    del seed
+    image = tf.io.decode_image(example[key], channels=channels, expand_animations=False)
+    return {**example, key: image}
+  return op
+
+
+def resize(size, method="bilinear", key="image"):
+  """Resizes to `size` (int: square, or (height, width)), keeping the dtype."""
+  size = (size, size) if isinstance(size, int) else tuple(size)
+  def op(example, seed):
+    del seed
+    image = example[key]
+    resized = tf.image.resize(image, size, method=method)
+    return {**example, key: tf.cast(resized, image.dtype) if image.dtype == tf.uint8 else resized}
+  return op
+
+
+def resize_small(smaller_size, method="area", key="image"):
+  """Resizes so that the shorter side is `smaller_size`, keeping the aspect ratio."""
+  def op(example, seed):
+    del seed
+    image = example[key]
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    ratio = tf.cast(smaller_size, tf.float32) / tf.cast(tf.minimum(h, w), tf.float32)
+    new_h = tf.cast(tf.round(tf.cast(h, tf.float32) * ratio), tf.int32)
+    new_w = tf.cast(tf.round(tf.cast(w, tf.float32) * ratio), tf.int32)
+    resized = tf.image.resize(image, (new_h, new_w), method=method)
+    return {**example, key: tf.cast(resized, image.dtype)}
+  return op
+
+
+def central_crop(size, key="image"):
+  """Crops the central `size` (int or (height, width)) window."""
+  size = (size, size) if isinstance(size, int) else tuple(size)
+  def op(example, seed):
+    del seed
+    image = example[key]
+    top = (tf.shape(image)[0] - size[0]) // 2
+    left = (tf.shape(image)[1] - size[1]) // 2
+    return {**example, key: image[top:top + size[0], left:left + size[1]]}
+  return op
+
+
+def value_range(vmin, vmax, in_min=0.0, in_max=255.0, key="image"):
+  """Maps pixel values linearly from [in_min, in_max] to float32 [vmin, vmax]."""
+  def op(example, seed):
+    del seed
+    image = tf.cast(example[key], tf.float32)
+    image = (image - in_min) / (in_max - in_min)
+    return {**example, key: vmin + image * (vmax - vmin)}
+  return op
+
+
+def onehot(depth, key="label", key_result="labels", on=1.0, off=0.0):
+  """Integer label -> float32 one-hot vector of `depth` classes in `key_result`."""
+  def op(example, seed):
+    del seed
+    return {**example, key_result: tf.one_hot(example[key], depth, on_value=on, off_value=off)}
+  return op
+
+
+OPS = {
+    "decode": decode,
+    "resize": resize,
+    "resize_small": resize_small,
+    "central_crop": central_crop,
+    "value_range": value_range,
+    "onehot": onehot,
+}
+
+
+def parse(spec):
+  """Checks a pp string and returns its op list; raises ValueError naming bad ops."""
+  return call_spec.parse_chain(spec, OPS)
+
+
+def build(spec):
+  """Returns `fn(example, seed) -> example` running every op of `spec` in order."""
+  ops = [OPS[name](*args, **kwargs) for name, args, kwargs in parse(spec)]
+  def preprocess(example, seed):
+    for i, op in enumerate(ops):
+      example = op(example, tf.random.experimental.stateless_fold_in(seed, i))
+    return example
+  return preprocess

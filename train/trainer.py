@@ -1,0 +1,233 @@
+"""The training loop: fine-tune a ViT, keep two EMAs, checkpoint, resume, export.
+
+`train_and_evaluate(config, workdir)` leaves in `workdir`:
+  config.json        the resolved config
+  checkpoints/<step> orbax: params, ema_low, ema_high, opt_state
+  metrics.jsonl      training metrics (and tensorboard/)
+  final/<name>.npz   every weight set in big_vision's layout
+  results.json       held-out and test accuracy of every weight set
+
+Re-running the same command resumes from the last checkpoint and ends with
+weights bit-identical to an uninterrupted run: the data order, augmentations
+and dropout are functions of (seed, step).
+"""
+
+import json
+import os
+
+from absl import logging
+from etils import epath
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from train import accuracy
+from train import checkpoint
+from train import data
+from train import ema
+from train import files
+from train import losses
+from train import optimizer
+from train import preprocess
+from train import pretrained
+from train import run_log
+from train import sharding
+from train import vit
+
+RESULTS_FILE = "results.json"
+
+
+def _check_config(config, builder):
+  """Cross-key checks that ConfigDict's types cannot express."""
+  num_labels = builder.info.features["label"].num_classes
+  expected = len(config.input.classes) or num_labels
+  if config.num_classes != expected:
+    raise ValueError(
+        f"config.num_classes={config.num_classes} but the data has {expected} classes "
+        f"({builder.name}" + (f", config.input.classes={config.input.classes})"
+                              if config.input.classes else ")"))
+  for key in ("pp_train", "pp_eval"):
+    try:
+      preprocess.parse(config.input[key])
+    except ValueError as e:
+      raise ValueError(f"config.input.{key}: {e}") from e
+  unknown = set(config.final_eval_weights) - set(checkpoint.WEIGHT_NAMES)
+  if unknown:
+    raise ValueError(f"config.final_eval_weights has {sorted(unknown)}; known: "
+                     f"{checkpoint.WEIGHT_NAMES}")
+  losses.get(config.loss)
+
+
+def _write_config(config, workdir):
+  """Writes config.json; a workdir made by a different config is refused, not mixed."""
+  path = os.path.join(workdir, "config.json")
+  resolved = json.loads(config.to_json())
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    if previous != resolved:
+      changed = sorted(k for k in set(previous) | set(resolved)
+                       if previous.get(k) != resolved.get(k))
+      raise ValueError(f"{path} was written by a different config (keys {changed} "
+                       "differ): use a new --workdir, or the original config to resume")
+  elif jax.process_index() == 0:
+    files.write_json_atomic(path, resolved)
+
+
+def _state_from_params(params, tx):
+  """The train state dict: weights, both EMAs (starting at the weights) and optimizer state."""
+  return {"params": params, "ema_low": params, "ema_high": params, "opt_state": tx.init(params)}
+
+
+def _abstract_state(model, tx, image_shape):
+  """Shapes and dtypes of the train state, computed without allocating it."""
+  return jax.eval_shape(
+      lambda rng: _state_from_params(model.init(rng, jnp.zeros((1, *image_shape)))["params"], tx),
+      jax.random.key(0))
+
+
+def _fresh_state(model, tx, config, image_shape, state_shardings):
+  """Initial train state: random init, or the pre-trained .npz when config.model_init is set."""
+  init = lambda rng: model.init(rng, jnp.zeros((1, *image_shape)))["params"]
+  params_sharding = state_shardings["params"]
+  params = jax.jit(init, out_shardings=params_sharding)(jax.random.key(config.seed))
+  if config.model_init:
+    loaded = pretrained.load_pretrained(
+        sharding.to_host(params), config.model_init,
+        dont_load=config.model_load.dont_load, ignore=config.model_load.ignore)
+    params = jax.device_put(loaded, params_sharding)
+  return jax.jit(lambda p: _state_from_params(p, tx), out_shardings=state_shardings)(params)
+
+
+def _make_train_step(model, tx, loss_fn, ema_decays, dropout_key):
+  """One optimizer step; the EMAs follow the updated weights."""
+  def train_step(state, batch, step):
+    def mean_loss(params):
+      logits = model.apply({"params": params}, batch["image"], train=True,
+                           rngs={"dropout": jax.random.fold_in(dropout_key, step)})
+      return jnp.mean(loss_fn(logits, batch["labels"]))
+
+    loss, grads = jax.value_and_grad(mean_loss)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = {"params": params, "opt_state": opt_state}
+    for name, decay in ema_decays.items():
+      new_state[name] = ema.update(state[name], params, decay)
+    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+  return train_step
+
+
+def _check_finite(step, metrics, manager):
+  """Stops on a NaN/inf metric before it can reach a checkpoint."""
+  bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
+  if bad:
+    last = manager.latest_step()
+    raise FloatingPointError(
+        f"step {step}: non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}; stopping. "
+        + (f"The last good checkpoint is step {last} in {manager.directory}" if last is not None
+           else "No checkpoint was written."))
+
+
+def train_and_evaluate(config, workdir):
+  """Trains (or resumes) the run described by `config` in `workdir`; returns results."""
+  workdir = os.path.abspath(workdir)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  builder = data.dataset_builder(config.input.dataset, config.input.data_dir)
+  _check_config(config, builder)
+  data.check_heldout_split(builder, config.input.train_split, config.input.heldout_split,
+                           config.input.test_split)
+  _write_config(config, workdir)
+  results_path = os.path.join(workdir, RESULTS_FILE)
+  if os.path.exists(results_path):
+    logging.info("%s exists: the run is complete", results_path)
+    with open(results_path) as f:
+      return json.load(f)
+
+  classes = tuple(config.input.classes)
+  splits = {key: data.open_split(builder, config.input[key], classes, f"config.input.{key}")
+            for key in ("train_split", "heldout_split", "test_split")}
+  mesh = sharding.make_mesh(config.mesh)
+  model = vit.build_model(config.model, config.num_classes)
+  tx, schedule = optimizer.make_optimizer(config)
+  loss_fn = losses.get(config.loss)
+  manager = checkpoint.make_manager(workdir, config.checkpoint.every_steps, config.checkpoint.keep)
+  start_step = manager.latest_step() or 0
+
+  batches = data.train_batches(
+      splits["train_split"], preprocess.build(config.input.pp_train), config.batch_size,
+      config.seed, start_step, process_index=jax.process_index(),
+      process_count=jax.process_count(), num_threads=config.input.num_threads)
+  first_batch = next(batches)
+  image_shape = first_batch["image"].shape[1:]
+
+  abstract_state = _abstract_state(model, tx, image_shape)
+  state_shardings = sharding.tree_shardings(mesh, abstract_state, config.param_sharding)
+  if start_step:
+    logging.info("Resuming from step %d", start_step)
+    state = checkpoint.restore(manager, start_step,
+                               checkpoint.abstract_tree(abstract_state, state_shardings))
+  else:
+    state = _fresh_state(model, tx, config, image_shape, state_shardings)
+
+  batch_sharding = sharding.batch_sharding(mesh)
+  train_step = jax.jit(
+      _make_train_step(model, tx, loss_fn, ema.decays(config.ema),
+                       jax.random.fold_in(jax.random.key(config.seed), 1)),
+      in_shardings=(state_shardings, batch_sharding, None),
+      out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+  evaluators = {
+      key: accuracy.SplitAccuracy(
+          model, mesh, splits[key], preprocess.build(config.input.pp_eval),
+          config.eval_batch_size, loss_fn, state_shardings["params"],
+          num_threads=config.input.num_threads)
+      for key in ("heldout_split", "test_split")}
+
+  writer = run_log.make_writer(workdir, start_step)
+  progress = run_log.Progress(config.total_steps, start_step, config.batch_size)
+  host_batch = first_batch
+  for step in range(start_step + 1, config.total_steps + 1):
+    batch = sharding.to_global({k: host_batch[k] for k in ("image", "labels")}, batch_sharding)
+    state, metrics = train_step(state, batch, jnp.int32(step - 1))
+    if step == start_step + 1:
+      jax.block_until_ready(metrics)
+      progress.start_clock(step)
+    log_now = step % config.log_every_steps == 0 or step == config.total_steps
+    if log_now or manager.should_save(step):
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      _check_finite(step, metrics, manager)
+    if log_now:
+      metrics["lr"] = float(schedule(step - 1))
+      metrics.update(progress.rates(step))
+      writer.write_scalars(step, metrics)
+      progress.report(step, {k: metrics[k] for k in ("loss", "lr")})
+    with progress.paused():
+      if config.eval_every_steps and step % config.eval_every_steps == 0:
+        heldout = evaluators["heldout_split"].evaluate(state["params"])
+        writer.write_scalars(step, {"heldout_accuracy": heldout["accuracy"]})
+      checkpoint.save(manager, step, state, force=step == config.total_steps)
+    if step < config.total_steps:
+      host_batch = next(batches)
+  manager.wait_until_finished()
+  return _finish(config, workdir, state, evaluators, writer)
+
+
+def _finish(config, workdir, state, evaluators, writer):
+  """Exports every weight set as .npz and writes held-out/test accuracy to results.json."""
+  results = {"step": config.total_steps, "heldout": {}, "test": {}}
+  for name in config.final_eval_weights:
+    results["heldout"][name] = evaluators["heldout_split"].evaluate(state[name])
+    results["test"][name] = evaluators["test_split"].evaluate(state[name])
+  weights = sharding.to_host({name: state[name] for name in checkpoint.WEIGHT_NAMES})
+  if jax.process_index() == 0:
+    for name, params in weights.items():
+      pretrained.save_npz(os.path.join(workdir, "final", f"{name}.npz"), params)
+    writer.write_scalars(config.total_steps, {
+        f"{split}_accuracy/{name}": r["accuracy"]
+        for split in ("heldout", "test") for name, r in results[split].items()})
+    writer.flush()
+    files.write_json_atomic(os.path.join(workdir, RESULTS_FILE), results)
+  for name in config.final_eval_weights if jax.process_index() == 0 else ():
+    print(f"[{name}] held-out accuracy {results['heldout'][name]['accuracy']:.4f} | "
+          f"test accuracy {results['test'][name]['accuracy']:.4f}")
+  return results

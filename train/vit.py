@@ -1,0 +1,160 @@
+"""Vision Transformer whose parameter tree matches big_vision's `models/vit.py`.
+
+Module names (`embedding`, `pos_embedding`, `cls`,
+`Transformer/encoderblock_{i}/{LayerNorm_0,MultiHeadDotProductAttention_0,
+LayerNorm_1,MlpBlock_0}`, `Transformer/encoder_norm`, `head`) and shapes are
+big_vision's, so its `.npz` checkpoints load as they are (see `pretrained.py`).
+"""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Reference: Table 2 of arXiv 2106.04560 (as in big_vision), plus tiny
+# variants of our own for CPU tests and demos.
+_WIDTH = {"mu": 32, "pico": 64, "nano": 128,
+          "Ti": 192, "S": 384, "M": 512, "B": 768, "L": 1024, "So400m": 1152,
+          "H": 1280, "g": 1408, "G": 1664, "e": 1792}
+_DEPTH = {"mu": 1, "pico": 2, "nano": 4,
+          "Ti": 12, "S": 12, "M": 12, "B": 12, "L": 24, "So400m": 27, "H": 32,
+          "g": 40, "G": 48, "e": 56}
+_MLP_DIM = {"mu": 128, "pico": 256, "nano": 512,
+            "Ti": 768, "S": 1536, "M": 2048, "B": 3072, "L": 4096,
+            "So400m": 4304, "H": 5120, "g": 6144, "G": 8192, "e": 15360}
+_NUM_HEADS = {"mu": 2, "pico": 2, "nano": 4,
+              "Ti": 3, "S": 6, "M": 8, "B": 12, "L": 16, "So400m": 16, "H": 16,
+              "g": 16, "G": 16, "e": 16}
+VARIANTS = tuple(_WIDTH)
+POOL_TYPES = ("gap", "tok")
+
+
+def decode_variant(variant):
+  """'B/16' -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=(16, 16))."""
+  match = re.fullmatch(r"([A-Za-z0-9]+)/(\d+)", variant)
+  if not match or match.group(1) not in _WIDTH:
+    raise ValueError(f"Unknown ViT variant {variant!r}: expected '<size>/<patch>' "
+                     f"with size one of {list(VARIANTS)}, e.g. 'B/16'")
+  size, patch = match.group(1), int(match.group(2))
+  return dict(width=_WIDTH[size], depth=_DEPTH[size], mlp_dim=_MLP_DIM[size],
+              num_heads=_NUM_HEADS[size], patch_size=(patch, patch))
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Self-attention with flax's `MultiHeadDotProductAttention` parameter names.
+
+  Written out (query/key/value/out `DenseGeneral`s) so that every projection is
+  a named op that SSF can scale and shift; the tree equals flax's and
+  big_vision's.
+  """
+  num_heads: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+    head_dim = width // self.num_heads
+    dense = lambda name: nn.DenseGeneral(  # pylint: disable=g-long-lambda
+        (self.num_heads, head_dim), dtype=self.dtype,
+        kernel_init=nn.initializers.xavier_uniform(), name=name)
+    q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)
+    y = jax.nn.dot_product_attention(q, k, v)
+    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
+                           kernel_init=nn.initializers.xavier_uniform(),
+                           name="out")(y)
+
+
+class MlpBlock(nn.Module):
+  """Transformer feed-forward block: Dense_0 -> gelu -> dropout -> Dense_1."""
+  mlp_dim: int
+  dropout: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train):
+    inits = dict(kernel_init=nn.initializers.xavier_uniform(),
+                 bias_init=nn.initializers.normal(stddev=1e-6), dtype=self.dtype)
+    y = nn.gelu(nn.Dense(self.mlp_dim, name="Dense_0", **inits)(x))
+    y = nn.Dropout(rate=self.dropout)(y, deterministic=not train)
+    return nn.Dense(x.shape[-1], name="Dense_1", **inits)(y)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-norm transformer block: x + MHSA(LN(x)), then x + MLP(LN(x))."""
+  mlp_dim: int
+  num_heads: int
+  dropout: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train):
+    y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(x)
+    y = MultiHeadDotProductAttention(self.num_heads, self.dtype,
+                                     name="MultiHeadDotProductAttention_0")(y)
+    x = x + nn.Dropout(rate=self.dropout)(y, deterministic=not train)
+    y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_1")(x)
+    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="MlpBlock_0")(y, train)
+    return x + nn.Dropout(rate=self.dropout)(y, deterministic=not train)
+
+
+class Encoder(nn.Module):
+  """`depth` blocks named `encoderblock_{i}`, then `encoder_norm`."""
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  dropout: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train):
+    for i in range(self.depth):
+      x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout, self.dtype,
+                         name=f"encoderblock_{i}")(x, train)
+    return nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x)
+
+
+class VisionTransformer(nn.Module):
+  """ViT classifier; `__call__(images, train)` returns logits [batch, num_classes]."""
+  num_classes: int
+  patch_size: tuple = (16, 16)
+  width: int = 768
+  depth: int = 12
+  mlp_dim: int = 3072
+  num_heads: int = 12
+  pool_type: str = "gap"
+  dropout: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    if self.pool_type not in POOL_TYPES:
+      raise ValueError(f"Unknown pool_type {self.pool_type!r}; known: {POOL_TYPES}")
+    x = nn.Conv(self.width, self.patch_size, strides=self.patch_size,
+                padding="VALID", dtype=self.dtype, name="embedding")(images)
+    n, h, w, c = x.shape
+    x = x.reshape(n, h * w, c)
+    posemb = self.param("pos_embedding",
+                        nn.initializers.normal(stddev=1 / np.sqrt(c)), (1, h * w, c))
+    x = x + posemb.astype(x.dtype)  # Position embedding first, then the class token.
+    if self.pool_type == "tok":
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
+      x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (n, 1, 1)), x], axis=1)
+    x = nn.Dropout(rate=self.dropout)(x, deterministic=not train)
+    x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout, self.dtype,
+                name="Transformer")(x, train)
+    x = x[:, 0] if self.pool_type == "tok" else x.mean(axis=1)
+    logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
+                      dtype=self.dtype, name="head")(x)
+    return logits.astype(jnp.float32)
+
+
+def build_model(model_config, num_classes):
+  """Builds the ViT that `model_config` (variant, pool_type, dropout, dtype) names."""
+  return VisionTransformer(
+      num_classes=num_classes, pool_type=model_config.pool_type,
+      dropout=model_config.dropout, dtype=jnp.dtype(model_config.dtype),
+      **decode_variant(model_config.variant))
