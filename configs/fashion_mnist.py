@@ -12,7 +12,7 @@ Pre-train, then fine-tune from the exported weights:
       --workdir=runs/fmnist_pretrain
   python -m train \
       --config=configs/fashion_mnist.py:init=runs/fmnist_pretrain/final/params.npz \
-      --workdir=runs/fmnist_finetune --config.lr=0.03
+      --workdir=runs/fmnist_finetune --config.lr=0.003
 
 Arguments: stage=pretrain|finetune (default finetune), init=<npz> (finetune),
 variant=<ViT variant> (default pico/4), runlocal (a smoke run of a few steps).
@@ -48,7 +48,7 @@ def get_config(arg=None):
   config.total_steps = 1500 if pretrain else 300
   config.optimizer.name = "adamw" if pretrain else "sgd"
   config.optimizer.weight_decay = 1e-4 if pretrain else 0.0
-  config.lr = 1e-3 if pretrain else 0.03
+  config.lr = 1e-3 if pretrain else 0.01
   config.schedule.warmup_steps = 100 if pretrain else 20
   config.schedule.decay = "cosine"
   config.checkpoint.every_steps = 100

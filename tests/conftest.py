@@ -17,7 +17,7 @@ def data_dir():
   """TFDS data dir holding fashion_mnist, built offline from the Debian files if needed."""
   from train import packaged_data  # pylint: disable=g-import-not-at-top
   builder = packaged_data.prepare_fashion_mnist(os.environ.get("TFDS_DATA_DIR") or None)
-  return builder.data_dir_root
+  return str(builder.data_dir_root)
 
 
 @pytest.fixture(scope="session")

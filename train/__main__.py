@@ -4,7 +4,10 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF only preprocesses on the host.
 
-from absl import app  # pylint: disable=g-import-not-at-top
+import re  # pylint: disable=g-import-not-at-top,g-bad-import-order
+import sys  # pylint: disable=g-import-not-at-top,g-bad-import-order
+
+from absl import app
 from absl import flags
 from ml_collections import config_flags
 import tensorflow as tf
@@ -19,6 +22,20 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def parse_flags(argv):
+  """absl's flag parsing, with a one-line error for an override of a key that does not exist."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:  # ml_collections: the locked config has no such key.
+    message = str(e)
+    key = re.search(r"'(\w+)", message)
+    suggestion = re.search(r'Did you mean "(\w+)"', message)
+    key = key.group(1) if key else message
+    culprit = [a.split("=")[0] for a in argv if a.startswith("--config.") and key in a.split("=")[0]]
+    sys.exit(f"FATAL Flags parsing error: {culprit[0] if culprit else key}: the config has no "
+             f"key {key!r}" + (f"; did you mean {suggestion.group(1)!r}?" if suggestion else ""))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -28,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

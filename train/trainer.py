@@ -114,7 +114,9 @@ def _make_train_step(model, tx, loss_fn, ema_decays, dropout_key):
     new_state = {"params": params, "opt_state": opt_state}
     for name, decay in ema_decays.items():
       new_state[name] = ema.update(state[name], params, decay)
-    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    # param_norm is non-finite as soon as one weight is: checked before every save.
+    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads),
+                       "param_norm": optax.global_norm(params)}
   return train_step
 
 
@@ -122,6 +124,7 @@ def _check_finite(step, metrics, manager):
   """Stops on a NaN/inf metric before it can reach a checkpoint."""
   bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
   if bad:
+    manager.wait_until_finished()
     last = manager.latest_step()
     raise FloatingPointError(
         f"step {step}: non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}; stopping. "
@@ -186,29 +189,31 @@ def train_and_evaluate(config, workdir):
   writer = run_log.make_writer(workdir, start_step)
   progress = run_log.Progress(config.total_steps, start_step, config.batch_size)
   host_batch = first_batch
-  for step in range(start_step + 1, config.total_steps + 1):
-    batch = sharding.to_global({k: host_batch[k] for k in ("image", "labels")}, batch_sharding)
-    state, metrics = train_step(state, batch, jnp.int32(step - 1))
-    if step == start_step + 1:
-      jax.block_until_ready(metrics)
-      progress.start_clock(step)
-    log_now = step % config.log_every_steps == 0 or step == config.total_steps
-    if log_now or manager.should_save(step):
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      _check_finite(step, metrics, manager)
-    if log_now:
-      metrics["lr"] = float(schedule(step - 1))
-      metrics.update(progress.rates(step))
-      writer.write_scalars(step, metrics)
-      progress.report(step, {k: metrics[k] for k in ("loss", "lr")})
-    with progress.paused():
-      if config.eval_every_steps and step % config.eval_every_steps == 0:
-        heldout = evaluators["heldout_split"].evaluate(state["params"])
-        writer.write_scalars(step, {"heldout_accuracy": heldout["accuracy"]})
-      checkpoint.save(manager, step, state, force=step == config.total_steps)
-    if step < config.total_steps:
-      host_batch = next(batches)
-  manager.wait_until_finished()
+  try:
+    for step in range(start_step + 1, config.total_steps + 1):
+      batch = sharding.to_global({k: host_batch[k] for k in ("image", "labels")}, batch_sharding)
+      state, metrics = train_step(state, batch, jnp.int32(step - 1))
+      if step == start_step + 1:
+        jax.block_until_ready(metrics)
+        progress.start_clock(step)
+      log_now = step % config.log_every_steps == 0 or step == config.total_steps
+      if log_now or manager.should_save(step):
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        _check_finite(step, metrics, manager)
+      if log_now:
+        metrics["lr"] = float(schedule(step - 1))
+        metrics.update(progress.rates(step))
+        writer.write_scalars(step, metrics)
+        progress.report(step, {k: metrics[k] for k in ("loss", "lr")})
+      with progress.paused():
+        if config.eval_every_steps and step % config.eval_every_steps == 0:
+          heldout = evaluators["heldout_split"].evaluate(state["params"])
+          writer.write_scalars(step, {"heldout_accuracy": heldout["accuracy"]})
+        checkpoint.save(manager, step, state, force=step == config.total_steps)
+      if step < config.total_steps:
+        host_batch = next(batches)
+  finally:
+    manager.wait_until_finished()  # A checkpoint in flight completes, even on error.
   return _finish(config, workdir, state, evaluators, writer)
 
 
