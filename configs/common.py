@@ -60,6 +60,18 @@ def base_config():
   c.model_load.ignore = ()  # Regexes of checkpoint keys the model does not use.
 
   c.loss = "softmax_xent"
+  c.label_smoothing = 0.0  # Targets become (1 - ε) one-hot + ε / num_classes.
+
+  # The paper's augmentation knobs. The per-example ones are placeholders used
+  # in pp_train as {aug.<key>} (see train/pp_spec.py); setting one that
+  # pp_train does not use is an error. mixup/CutMix mix whole batches.
+  c.aug = ml_collections.ConfigDict()
+  c.aug.crop_min_area = ml_collections.config_dict.placeholder(float)  # inception_crop area_min.
+  c.aug.randaug_layers = ml_collections.config_dict.placeholder(int)  # RandAugment N; 0: off.
+  c.aug.randaug_magnitude = ml_collections.config_dict.placeholder(int)  # RandAugment M, 0..10+.
+  c.aug.mixup_alpha = 0.0  # Beta(α, α) mixing ratio; 0: off.
+  c.aug.cutmix_alpha = 0.0  # 0: off.
+  c.aug.cutmix_switch_prob = 0.5  # With both on: chance a batch uses CutMix rather than mixup.
   c.lr = 0.01
   c.schedule = ml_collections.ConfigDict()
   c.schedule.warmup_steps = 0
@@ -75,6 +87,7 @@ def base_config():
   c.optimizer.weight_decay = 0.0
   c.optimizer.weight_decay_pattern = ".*/kernel"
   c.optimizer.grad_clip_norm = 1.0  # 0: no clipping.
+  c.optimizer.sam_rho = 0.0  # SAM's neighbourhood radius (optax.contrib.sam); 0: plain optimizer.
 
   c.ema = ml_collections.ConfigDict()
   c.ema.low = 0.999

@@ -37,9 +37,17 @@ def get_config(arg=None):
   config.input.train_split = "train[:90%]"
   config.input.heldout_split = "train[90%:]"
   config.input.test_split = "test"
-  pp = f"decode(channels=1)|value_range(-1, 1)|onehot({config.num_classes})"
-  config.input.pp_train = pp
-  config.input.pp_eval = pp
+  config.input.pp_eval = "decode(channels=1)|value_range(-1, 1)|onehot({num_classes})"
+  if pretrain:
+    config.input.pp_train = config.input.pp_eval
+  else:  # The grid's per-example knobs; these defaults leave images unchanged.
+    config.input.pp_train = (
+        "decode(channels=1)|inception_crop(28, area_min={aug.crop_min_area})"
+        "|randaug({aug.randaug_layers}, {aug.randaug_magnitude})"
+        "|value_range(-1, 1)|onehot({num_classes})")
+    config.aug.crop_min_area = 1.0
+    config.aug.randaug_layers = 0
+    config.aug.randaug_magnitude = 10
 
   config.model.variant = arg.variant
   config.model_init = "" if pretrain else arg.init

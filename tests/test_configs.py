@@ -9,6 +9,7 @@ import pytest
 from configs import common
 from tests.helpers import REPO
 from train import optimizer
+from train import pp_spec
 from train import preprocess
 from train import vit
 
@@ -29,8 +30,9 @@ def test_config_builds_and_is_locked(name, arg):
   with pytest.raises(AttributeError):
     config.learning_rate = 0.1  # A key that does not exist.
   assert set(config.keys()) == set(common.base_config().keys())
-  preprocess.parse(config.input.pp_train)
-  preprocess.parse(config.input.pp_eval)
+  preprocess.parse(pp_spec.resolve(config, "pp_train"))
+  preprocess.parse(pp_spec.resolve(config, "pp_eval"))
+  pp_spec.check_knobs_used(config)
   vit.decode_variant(config.model.variant)
   optimizer.make_optimizer(config)
 

@@ -18,6 +18,7 @@ PREPARE_HINTS = {
     "fashion_mnist": "python -m train.packaged_data --data_dir={data_dir}",
 }
 _LABEL_SCAN_CHUNK = 4096
+_BATCH_SEED_TAG = 0x6D6978  # Separates batch-level seeds from per-example op seeds.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,8 +167,12 @@ class _EpochPermutations:
     return out
 
 
-def _batches(read, batch_ids, preprocess_fn, local_batch, seed, num_threads):
-  """tf.data pipeline: read(batch_id) on the host, then a parallel per-example preprocess."""
+def _batches(read, batch_ids, preprocess_fn, local_batch, seed, num_threads, batch_fn=None):
+  """tf.data pipeline: read(batch_id) on the host, a parallel per-example preprocess, batch_fn.
+
+  `batch_fn(batch, seed)` (e.g. mixup) gets a seed drawn from (seed, stream
+  position of the batch's first example): unique per step and process.
+  """
   def read_np(batch_id):
     images, labels, positions, mask = read(int(batch_id))
     return images.astype(object), labels, positions.astype(np.int64), mask
@@ -182,11 +187,20 @@ def _batches(read, batch_ids, preprocess_fn, local_batch, seed, num_threads):
   def preprocess(example):
     position = example.pop("_position")
     example_seed = tf.stack([tf.constant(seed, tf.int64), position])
-    return preprocess_fn(example, example_seed)
+    return {**preprocess_fn(example, example_seed), "_position": position}
+
+  def finish_batch(batch):
+    position = batch.pop("_position")[0]
+    if batch_fn is None:
+      return batch
+    batch_seed = tf.random.experimental.stateless_fold_in(
+        tf.stack([tf.constant(seed, tf.int64), position]), _BATCH_SEED_TAG)
+    return batch_fn(batch, batch_seed)
 
   ds = batch_ids.map(read_tf).unbatch()
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(local_batch, drop_remainder=True).prefetch(2)
+  ds = ds.batch(local_batch, drop_remainder=True)
+  ds = ds.map(finish_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(2)
   options = tf.data.Options()
   options.deterministic = True
   if num_threads:
@@ -201,14 +215,14 @@ def _local_batch_size(global_batch, process_count, what):
 
 
 def train_batches(split, preprocess_fn, global_batch, seed, start_step=0, *,
-                  process_index=0, process_count=1, num_threads=0):
+                  process_index=0, process_count=1, num_threads=0, batch_fn=None):
   """Endless iterator of this process's slice of the global batch of each step.
 
   Batch `s` holds the examples at stream positions [s*B, (s+1)*B) of an endless
   stream that visits the split once per epoch in an order drawn from
   (seed, epoch); this process gets its `process_index`-th slice. Each example's
   augmentation seed is (seed, stream position), so everything is a function of
-  (seed, step).
+  (seed, step). `batch_fn(batch, seed)` (mixup/CutMix) runs on each local batch.
 
   Yields: dicts of numpy arrays, e.g. image [B/P, H, W, C], labels, label, mask.
   """
@@ -221,7 +235,7 @@ def train_batches(split, preprocess_fn, global_batch, seed, start_step=0, *,
     return images, labels, stream, np.ones(local_batch, bool)
 
   steps = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max)
-  return _batches(read, steps, preprocess_fn, local_batch, seed, num_threads)
+  return _batches(read, steps, preprocess_fn, local_batch, seed, num_threads, batch_fn)
 
 
 def eval_batches(split, preprocess_fn, global_batch, *, process_index=0,

@@ -13,6 +13,11 @@ def sigmoid_xent(logits, labels):
   return optax.sigmoid_binary_cross_entropy(logits, labels).sum(axis=-1)
 
 
+def smooth_labels(labels, smoothing):
+  """Label smoothing: (1 - smoothing) * labels + smoothing / num_classes."""
+  return labels * (1.0 - smoothing) + smoothing / labels.shape[-1]
+
+
 LOSSES = {"softmax_xent": softmax_xent, "sigmoid_xent": sigmoid_xent}
 
 

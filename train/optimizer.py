@@ -6,6 +6,8 @@
 global norm. Weight decay applies to the leaves matching
 `config.optimizer.weight_decay_pattern`: as an L2 gradient term for 'sgd' and
 'adam' (PyTorch's convention), decoupled and schedule-scaled for 'adamw'.
+`config.optimizer.sam_rho > 0` wraps the whole optimizer in SAM
+(`optax.contrib.sam` in opaque mode: `update` needs `grad_fn=`).
 """
 
 import re
@@ -58,4 +60,19 @@ def make_optimizer(config):
     parts = clip + decay + [optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps)]
   else:
     parts = clip + [optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps)] + decay
-  return optax.chain(*parts, optax.scale_by_learning_rate(schedule)), schedule
+  tx = optax.chain(*parts, optax.scale_by_learning_rate(schedule))
+  if opt.sam_rho < 0:
+    raise ValueError(f"config.optimizer.sam_rho={opt.sam_rho} must be >= 0 (0: off)")
+  if opt.sam_rho:
+    tx = with_sam(tx, opt.sam_rho)
+  return tx, schedule
+
+
+def with_sam(tx, rho):
+  """SAM around `tx`: the gradient is taken at w + rho * g / |g|, then `tx` steps from w.
+
+  Opaque mode runs the ascent step inside `update` (one call per training
+  step, through `grad_fn(params, i)`), so EMAs and step counts stay per step.
+  """
+  ascent = optax.chain(optax.contrib.normalize(), optax.sgd(rho))
+  return optax.contrib.sam(tx, ascent, sync_period=2, opaque_mode=True)

@@ -11,6 +11,7 @@ listing the known ones.
 import tensorflow as tf
 
 from train import call_spec
+from train import randaugment
 
 
 def decode(channels=3, key="image"):
@@ -59,6 +60,43 @@ def central_crop(size, key="image"):
   return op
 
 
+def inception_crop(size, area_min=0.05, area_max=1.0, method="bilinear", key="image"):
+  """Inception-style random resized crop: a box of [area_min, area_max] of the image area.
+
+  The box has a random aspect ratio in [3/4, 4/3] (log-uniform as in the
+  Inception and big_vision crops) and is resized to `size` (int or (h, w)).
+  `area_min` is the paper's "minimum crop size" knob.
+  """
+  size = (size, size) if isinstance(size, int) else tuple(size)
+  if not 0 < area_min <= area_max <= 1:
+    raise ValueError(f"inception_crop: need 0 < area_min={area_min} <= area_max={area_max} <= 1")
+  def op(example, seed):
+    image = example[key]
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4], tf.float32), seed=seed,
+        area_range=(area_min, area_max), aspect_ratio_range=(3 / 4, 4 / 3),
+        min_object_covered=0.0, max_attempts=20, use_image_if_no_bounding_boxes=True)
+    crop = tf.slice(image, begin, crop_size)
+    crop.set_shape([None, None, image.shape[-1]])
+    resized = tf.image.resize(crop, size, method=method)
+    return {**example, key: tf.cast(resized, image.dtype) if image.dtype == tf.uint8 else resized}
+  return op
+
+
+def flip_lr(key="image"):
+  """Mirrors the image left-right with probability 1/2."""
+  def op(example, seed):
+    return {**example, key: tf.image.stateless_random_flip_left_right(example[key], seed)}
+  return op
+
+
+def randaug(num_layers=2, magnitude=10, key="image"):
+  """RandAugment with `num_layers` ops at `magnitude` (0..10 scale) on a uint8 image; 0 layers: off."""
+  def op(example, seed):
+    return {**example, key: randaugment.randaugment(example[key], num_layers, magnitude, seed)}
+  return op
+
+
 def value_range(vmin, vmax, in_min=0.0, in_max=255.0, key="image"):
   """Maps pixel values linearly from [in_min, in_max] to float32 [vmin, vmax]."""
   def op(example, seed):
@@ -82,19 +120,26 @@ OPS = {
     "resize": resize,
     "resize_small": resize_small,
     "central_crop": central_crop,
+    "inception_crop": inception_crop,
+    "flip_lr": flip_lr,
+    "randaug": randaug,
     "value_range": value_range,
     "onehot": onehot,
 }
 
 
-def parse(spec):
-  """Checks a pp string and returns its op list; raises ValueError naming bad ops."""
-  return call_spec.parse_chain(spec, OPS)
+def parse(spec, ops=None):
+  """Checks a pp string and returns its op list; raises ValueError naming bad ops.
+
+  `ops` (default `OPS`) lets other packages add ops, e.g. eval's shifts.
+  """
+  return call_spec.parse_chain(spec, OPS if ops is None else ops)
 
 
-def build(spec):
+def build(spec, ops=None):
   """Returns `fn(example, seed) -> example` running every op of `spec` in order."""
-  ops = [OPS[name](*args, **kwargs) for name, args, kwargs in parse(spec)]
+  ops = OPS if ops is None else ops
+  ops = [ops[name](*args, **kwargs) for name, args, kwargs in parse(spec, ops)]
   def preprocess(example, seed):
     for i, op in enumerate(ops):
       example = op(example, tf.random.experimental.stateless_fold_in(seed, i))

@@ -28,7 +28,9 @@ from train import data
 from train import ema
 from train import files
 from train import losses
+from train import mixing
 from train import optimizer
+from train import pp_spec
 from train import preprocess
 from train import pretrained
 from train import run_log
@@ -48,15 +50,25 @@ def _check_config(config, builder):
         f"({builder.name}" + (f", config.input.classes={config.input.classes})"
                               if config.input.classes else ")"))
   for key in ("pp_train", "pp_eval"):
+    spec = pp_spec.resolve(config, key)
     try:
-      preprocess.parse(config.input[key])
+      preprocess.parse(spec)
     except ValueError as e:
       raise ValueError(f"config.input.{key}: {e}") from e
+  pp_spec.check_knobs_used(config)
+  if not 0 <= config.label_smoothing < 1:
+    raise ValueError(f"config.label_smoothing={config.label_smoothing} must be in [0, 1)")
+  _make_batch_mixer(config)
   unknown = set(config.final_eval_weights) - set(checkpoint.WEIGHT_NAMES)
   if unknown:
     raise ValueError(f"config.final_eval_weights has {sorted(unknown)}; known: "
                      f"{checkpoint.WEIGHT_NAMES}")
   losses.get(config.loss)
+
+
+def _make_batch_mixer(config):
+  return mixing.make_batch_mixer(config.aug.mixup_alpha, config.aug.cutmix_alpha,
+                                 config.aug.cutmix_switch_prob)
 
 
 def _write_config(config, workdir):
@@ -75,7 +87,7 @@ def _write_config(config, workdir):
     files.write_json_atomic(path, resolved)
 
 
-def _state_from_params(params, tx):
+def state_from_params(params, tx):
   """The train state dict: weights, both EMAs (starting at the weights) and optimizer state."""
   return {"params": params, "ema_low": params, "ema_high": params, "opt_state": tx.init(params)}
 
@@ -83,7 +95,7 @@ def _state_from_params(params, tx):
 def _abstract_state(model, tx, image_shape):
   """Shapes and dtypes of the train state, computed without allocating it."""
   return jax.eval_shape(
-      lambda rng: _state_from_params(model.init(rng, jnp.zeros((1, *image_shape)))["params"], tx),
+      lambda rng: state_from_params(model.init(rng, jnp.zeros((1, *image_shape)))["params"], tx),
       jax.random.key(0))
 
 
@@ -97,19 +109,23 @@ def _fresh_state(model, tx, config, image_shape, state_shardings):
         sharding.to_host(params), config.model_init,
         dont_load=config.model_load.dont_load, ignore=config.model_load.ignore)
     params = jax.device_put(loaded, params_sharding)
-  return jax.jit(lambda p: _state_from_params(p, tx), out_shardings=state_shardings)(params)
+  return jax.jit(lambda p: state_from_params(p, tx), out_shardings=state_shardings)(params)
 
 
-def _make_train_step(model, tx, loss_fn, ema_decays, dropout_key):
+def make_train_step(model, tx, loss_fn, label_smoothing, ema_decays, dropout_key):
   """One optimizer step; the EMAs follow the updated weights."""
   def train_step(state, batch, step):
+    labels = losses.smooth_labels(batch["labels"], label_smoothing)
+
     def mean_loss(params):
       logits = model.apply({"params": params}, batch["image"], train=True,
                            rngs={"dropout": jax.random.fold_in(dropout_key, step)})
-      return jnp.mean(loss_fn(logits, batch["labels"]))
+      return jnp.mean(loss_fn(logits, labels))
 
     loss, grads = jax.value_and_grad(mean_loss)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    # grad_fn serves SAM's ascent step; other optimizers ignore it.
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"],
+                                   grad_fn=lambda params, _: jax.grad(mean_loss)(params))
     params = optax.apply_updates(state["params"], updates)
     new_state = {"params": params, "opt_state": opt_state}
     for name, decay in ema_decays.items():
@@ -158,9 +174,10 @@ def train_and_evaluate(config, workdir):
   start_step = manager.latest_step() or 0
 
   batches = data.train_batches(
-      splits["train_split"], preprocess.build(config.input.pp_train), config.batch_size,
-      config.seed, start_step, process_index=jax.process_index(),
-      process_count=jax.process_count(), num_threads=config.input.num_threads)
+      splits["train_split"], preprocess.build(pp_spec.resolve(config, "pp_train")),
+      config.batch_size, config.seed, start_step, process_index=jax.process_index(),
+      process_count=jax.process_count(), num_threads=config.input.num_threads,
+      batch_fn=_make_batch_mixer(config))
   first_batch = next(batches)
   image_shape = first_batch["image"].shape[1:]
 
@@ -175,13 +192,13 @@ def train_and_evaluate(config, workdir):
 
   batch_sharding = sharding.batch_sharding(mesh)
   train_step = jax.jit(
-      _make_train_step(model, tx, loss_fn, ema.decays(config.ema),
+      make_train_step(model, tx, loss_fn, config.label_smoothing, ema.decays(config.ema),
                        jax.random.fold_in(jax.random.key(config.seed), 1)),
       in_shardings=(state_shardings, batch_sharding, None),
       out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
   evaluators = {
       key: accuracy.SplitAccuracy(
-          model, mesh, splits[key], preprocess.build(config.input.pp_eval),
+          model, mesh, splits[key], preprocess.build(pp_spec.resolve(config, "pp_eval")),
           config.eval_batch_size, loss_fn, state_shardings["params"],
           num_threads=config.input.num_threads)
       for key in ("heldout_split", "test_split")}
