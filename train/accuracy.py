@@ -38,16 +38,31 @@ class SplitAccuracy:
         batch_sums, in_shardings=(params_sharding, self.batch_sharding),
         out_shardings=sharding.replicated(mesh))
 
-  def evaluate(self, params):
-    totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+  def num_batches(self):
+    return -(-len(self.split) // self.batch_size)
+
+  def global_batches(self):
+    """The split once, as padded global batches {'image', 'labels', 'mask'} on the mesh."""
     batches = data.eval_batches(
         self.split, self.preprocess_fn, self.batch_size,
         process_index=jax.process_index(), process_count=jax.process_count(),
         num_threads=self.num_threads)
     for host_batch in batches:
-      batch = sharding.to_global(
+      yield sharding.to_global(
           {k: host_batch[k] for k in ("image", "labels", "mask")}, self.batch_sharding)
-      sums = self._batch_sums(params, batch)
+
+  def batch_sums(self, params):
+    """Yields {'correct', 'loss', 'count'} of each global batch in turn (replicated scalars).
+
+    Callers that can decide before the end (greedy soup's early abort) stop
+    iterating; every process sees the same sums and stops at the same batch.
+    """
+    for batch in self.global_batches():
+      yield self._batch_sums(params, batch)
+
+  def evaluate(self, params):
+    totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+    for sums in self.batch_sums(params):
       totals = jax.tree.map(lambda t, s: t + s, totals, sums)
     totals = jax.tree.map(lambda x: float(np.asarray(x)), totals)
     return {"accuracy": totals["correct"] / totals["count"],

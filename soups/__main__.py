@@ -1,0 +1,60 @@
+r"""Cooks soups from the runs of a sweep or from explicit checkpoints.
+
+  python -m soups --sweep_dir=runs/sweep --weights=ema_low \
+      --recipes=uniform,greedy,learned,ensemble,wise_ft --soup_dir=runs/sweep/soups/ema_low
+  python -m soups --ingredients=runs/a,runs/b/final/ema_low.npz --soup_dir=/tmp/soup
+"""
+
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from soups import ingredients as ingredients_lib
+from soups import soup_step
+from train import checkpoint
+from train import run_log
+
+_SWEEP_DIR = flags.DEFINE_string("sweep_dir", "", "A sweep directory (its manifest.json lists the runs).")
+_INGREDIENTS = flags.DEFINE_list(
+    "ingredients", [], "Run directories, orbax item directories or .npz files (instead of --sweep_dir).")
+_WEIGHTS = flags.DEFINE_enum("weights", "ema_low", checkpoint.WEIGHT_NAMES,
+                             "Which weight set of each run to soup (the paper uses the low EMA).")
+_RECIPES = flags.DEFINE_list("recipes", list(soup_step.RECIPES), "Recipes to cook.")
+_SOUP_DIR = flags.DEFINE_string("soup_dir", "", "Output directory; default <sweep_dir>/soups/<weights>.")
+_SHIFT_SUITE = flags.DEFINE_string("shift_suite", "", "A distribution-shift suite of eval/ to report.")
+_EARLY_ABORT = flags.DEFINE_bool("greedy_early_abort", True,
+                                 "Stop evaluating a greedy candidate once it cannot be kept.")
+_LEARNED_MODE = flags.DEFINE_enum("learned_mode", "global", ("global", "per_layer"),
+                                  "One mixing coefficient per ingredient, or per tensor.")
+_LEARNED_EPOCHS = flags.DEFINE_integer("learned_epochs", 5, "Epochs over the held-out split.")
+_WISE_FT_ALPHAS = flags.DEFINE_list("wise_ft_alphas", ["0", "0.25", "0.5", "0.75", "1"],
+                                    "Interpolation points from the pre-trained init (0) to the soup (1).")
+
+
+def main(argv):
+  del argv
+  run_log.quiet_library_logs()
+  if bool(_SWEEP_DIR.value) == bool(_INGREDIENTS.value):
+    raise app.UsageError("give exactly one of --sweep_dir and --ingredients")
+  if _SWEEP_DIR.value:
+    ingredients = ingredients_lib.from_sweep(_SWEEP_DIR.value, _WEIGHTS.value)
+  else:
+    ingredients = ingredients_lib.from_paths(_INGREDIENTS.value, _WEIGHTS.value)
+  soup_dir = _SOUP_DIR.value or os.path.join(_SWEEP_DIR.value, "soups", _WEIGHTS.value)
+  if not _SOUP_DIR.value and not _SWEEP_DIR.value:
+    raise app.UsageError("--soup_dir is required with --ingredients")
+  options = soup_step.Options(
+      recipes=tuple(_RECIPES.value), greedy_early_abort=_EARLY_ABORT.value,
+      learned_mode=_LEARNED_MODE.value, learned_epochs=_LEARNED_EPOCHS.value,
+      wise_ft_alphas=tuple(float(a) for a in _WISE_FT_ALPHAS.value))
+  logging.info("Cooking %d ingredients into %s", len(ingredients), soup_dir)
+  results = soup_step.cook(ingredients, soup_dir, options)
+  for name, soup in results["soups"].items():
+    print(f"[{name}] held-out {soup['heldout_acc']:.4f} | test {soup['test_acc']:.4f} | "
+          f"{len(soup['ingredients'])} ingredients")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,134 @@
+"""Greedy soup (Wortsman et al. 2022, Recipe 1), resumable and with exact early abort.
+
+Ingredients are sorted by held-out accuracy, descending; the soup starts as
+the best one, and each next candidate is kept only if the uniform average of
+the soup plus it does not lower held-out accuracy. Each decision is appended
+to `greedy_journal.jsonl` as it is taken, so an interrupted search replays
+the journal and continues with the next candidate.
+
+Early abort: a candidate needs at least as many correct held-out examples as
+the current soup. Evaluation runs batch by batch and stops as soon as even
+an all-correct remainder could not reach that count, which never changes a
+decision; the journal records the batches evaluated. The counts are global
+(replicated) scalars, so every host stops at the same batch and takes the
+same decision.
+"""
+
+import json
+import os
+
+from train import files
+
+JOURNAL = "greedy_journal.jsonl"
+
+
+class Journal:
+  """Append-only record of greedy decisions; a torn last line (a kill mid-write) is dropped."""
+
+  def __init__(self, path, order, write):
+    self.path, self.write = path, write
+    self.entries = []
+    if os.path.exists(path):
+      with open(path) as f:
+        lines = f.read().split("\n")
+      for line in lines:
+        try:
+          self.entries.append(json.loads(line))
+        except json.JSONDecodeError:
+          break  # Only the last line can be torn; what follows it is not trusted.
+      tried = [e["name"] for e in self.entries]
+      if tried != order[:len(tried)]:
+        raise ValueError(
+            f"{path} tried {tried}, which is not the start of this soup's candidate order "
+            f"{order}: it belongs to another set of ingredients; use a new --soup_dir")
+      if self.write:  # Rewrite without the torn tail, atomically.
+        files.write_bytes_atomic(path, "".join(json.dumps(e) + "\n" for e in self.entries).encode())
+
+  def append(self, entry):
+    self.entries.append(entry)
+    if self.write:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def count_correct(evaluator, params, needed=None):
+  """Correct held-out predictions of `params`; stops early once `needed` is out of reach.
+
+  Returns (correct, examples seen, batches evaluated, whether it stopped early).
+  """
+  correct = seen = batches = 0
+  total = len(evaluator.split)
+  for sums in evaluator.batch_sums(params):
+    correct += int(round(float(sums["correct"])))
+    seen += int(round(float(sums["count"])))
+    batches += 1
+    if needed is not None and correct + (total - seen) < needed:
+      return correct, seen, batches, True
+  return correct, seen, batches, False
+
+
+def greedy_soup(ingredients, heldout_acc, restore, running_sum, evaluator, journal_path,
+                early_abort=True, write=True):
+  """Runs (or resumes) the greedy search.
+
+  Args:
+    ingredients: candidates, any order.
+    heldout_acc: {name: held-out accuracy of the ingredient alone}.
+    restore: ingredient -> its weights, sharded.
+    running_sum: an empty `averaging.RunningSum` of the right shapes and shardings.
+    evaluator: held-out `SplitAccuracy` (with `batch_sums`); never the test split.
+    journal_path: where decisions are recorded (and replayed from).
+    early_abort: stop evaluating a candidate once it provably cannot be kept.
+    write: False on processes other than 0.
+
+  Returns:
+    (soup params, names kept in the order added, soup held-out accuracy,
+     {'batches_evaluated', 'batches_full_evaluation'}).
+  """
+  order = sorted(ingredients, key=lambda i: (-heldout_acc[i.name], i.name))
+  journal = Journal(journal_path, [i.name for i in order], write)
+  total_examples = len(evaluator.split)
+  num_batches = evaluator.num_batches()
+  kept, best_correct = [], None
+  stats = {"batches_evaluated": 0, "batches_full_evaluation": 0}
+  for index, ingredient in enumerate(order):
+    if index < len(journal.entries):  # Replay a decision already taken.
+      entry = journal.entries[index]
+      if entry["decision"] == "add":
+        running_sum.add(restore(ingredient))
+        kept.append(ingredient.name)
+        best_correct = entry["soup_heldout_correct"]
+      continue
+    own = heldout_acc[ingredient.name]
+    weights = restore(ingredient)
+    if best_correct is None:  # The soup starts as the best ingredient.
+      best_correct = int(round(own * total_examples))
+      running_sum.add(weights)
+      kept.append(ingredient.name)
+      journal.append({"name": ingredient.name, "heldout_acc": own, "soup_heldout_acc": own,
+                      "soup_heldout_correct": best_correct, "decision": "add",
+                      "soup_size": 1, "batches_evaluated": 0})
+      continue
+    candidate = running_sum.mean_with(weights)
+    correct, seen, batches, aborted = count_correct(
+        evaluator, candidate, best_correct if early_abort else None)
+    del candidate
+    stats["batches_evaluated"] += batches
+    stats["batches_full_evaluation"] += num_batches
+    keep = not aborted and correct >= best_correct
+    if keep:
+      running_sum.add(weights)
+      kept.append(ingredient.name)
+      best_correct = correct
+    journal.append({
+        "name": ingredient.name, "heldout_acc": own,
+        "soup_heldout_acc": None if aborted else correct / total_examples,
+        "soup_heldout_correct": None if aborted else correct,
+        # An aborted candidate's accuracy is only bounded: it could not reach the soup's.
+        "soup_heldout_acc_at_most": (correct + total_examples - seen) / total_examples
+                                    if aborted else None,
+        "decision": "add" if keep else "skip", "soup_size": len(kept),
+        "batches_evaluated": batches})
+  return running_sum.mean(), kept, best_correct / total_examples, stats

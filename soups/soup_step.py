@@ -1,0 +1,289 @@
+"""The soup step: evaluate ingredients, cook the recipes, write weights and results.
+
+`cook(...)` leaves in `soup_dir`:
+  evaluations.json      every ingredient's held-out, test and shift accuracy
+  greedy_journal.jsonl  one line per greedy candidate (see greedy.py)
+  <recipe>/params.npz   each soup's weights, big_vision layout
+  <recipe>/orbax/       the same, as an orbax checkpoint (sharded restore)
+  results.json          {"ingredients": [...], "soups": {...}, "wise_ft": {...}}
+
+Every piece is written atomically as soon as it is known and reused when the
+command is re-run, so an interrupted soup step resumes where it stopped.
+Ranking and selection use the held-out split only; test and shift accuracy
+are measured after the choice.
+"""
+
+import dataclasses
+import json
+import os
+
+from absl import logging
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from soups import averaging
+from soups import ensemble
+from soups import greedy
+from soups import ingredients as ingredients_lib
+from soups import learned
+from train import accuracy
+from train import data
+from train import files
+from train import losses
+from train import pp_spec
+from train import preprocess
+from train import pretrained
+from train import sharding
+from train import vit
+
+RECIPES = ("uniform", "greedy", "learned", "ensemble", "wise_ft")
+RESULTS = "results.json"
+EVALUATIONS = "evaluations.json"
+# Config keys that must agree between ingredients for their soup to mean anything.
+SHARED_KEYS = ("model", "num_classes", "input.dataset", "input.classes",
+               "input.heldout_split", "input.test_split", "input.pp_eval")
+# Every leaf split over all devices where a dimension divides; tiny leaves replicated.
+SOUP_SHARDING = ((".*", 'fsdp(axis="data")'),)
+
+
+@dataclasses.dataclass
+class Options:
+  recipes: tuple = RECIPES
+  greedy_early_abort: bool = True
+  learned_mode: str = "global"
+  learned_epochs: int = 5
+  learned_lr: float = 0.1
+  wise_ft_alphas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
+  eval_batch_size: int = 0  # 0: the runs' config.eval_batch_size.
+
+
+def _get(config, dotted):
+  for part in dotted.split("."):
+    config = config[part]
+  return config.to_dict() if hasattr(config, "to_dict") else config
+
+
+def shared_config(ingredients):
+  """The run config the soup evaluates with; ingredients whose runs disagree on SHARED_KEYS are refused."""
+  with_runs = [i for i in ingredients if i.run_dir]
+  if not with_runs:
+    raise ValueError("no ingredient comes from a run directory (with config.json): the soup "
+                     "step needs one to know the model and the data")
+  reference = with_runs[0].config()
+  for ingredient in with_runs[1:]:
+    config = ingredient.config()
+    for key in SHARED_KEYS:
+      if _get(config, key) != _get(reference, key):
+        raise ValueError(
+            f"config.{key} differs between ingredients {with_runs[0].name} "
+            f"({_get(reference, key)!r}) and {ingredient.name} ({_get(config, key)!r})")
+  return reference
+
+
+class _Writer:
+  """results.json and evaluations.json, rewritten atomically on process 0 after each piece."""
+
+  def __init__(self, soup_dir):
+    self.soup_dir = soup_dir
+    self.results = self._load(RESULTS) or {"ingredients": [], "soups": {}}
+    self.evaluations = self._load(EVALUATIONS) or {}
+
+  def _load(self, name):
+    path = os.path.join(self.soup_dir, name)
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      return json.load(f)
+
+  def save(self):
+    if jax.process_index() == 0:
+      files.write_json_atomic(os.path.join(self.soup_dir, EVALUATIONS), self.evaluations)
+      files.write_json_atomic(os.path.join(self.soup_dir, RESULTS), self.results)
+
+
+def _save_weights(soup_dir, recipe, params):
+  """`<recipe>/params.npz` and `<recipe>/orbax/`; orbax renames its directory into place when whole."""
+  orbax_dir = os.path.join(os.path.abspath(soup_dir), recipe, "orbax")
+  if os.path.exists(orbax_dir):
+    return
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(orbax_dir, params)
+  checkpointer.wait_until_finished()
+  host = sharding.to_host(params)
+  if jax.process_index() == 0:
+    pretrained.save_npz(os.path.join(soup_dir, recipe, "params.npz"), host)
+
+
+class SoupKitchen:
+  """Everything the recipes share: model, mesh, target sharding, evaluators, outputs."""
+
+  def __init__(self, ingredients, soup_dir, options, shift_evaluators_fn=None):
+    self.ingredients, self.soup_dir, self.options = ingredients, soup_dir, options
+    self.shared_metadata = ingredients_lib.check_compatible(ingredients)
+    self.config = shared_config(ingredients)
+    config = self.config
+    self.mesh = sharding.make_mesh((("data", -1),))
+    self.abstract = ingredients_lib.abstract_params(
+        self.shared_metadata, lambda tree: sharding.tree_shardings(self.mesh, tree, SOUP_SHARDING))
+    self.model = vit.build_model(config.model, config.num_classes)
+    self.loss_fn = losses.get(config.loss)
+    builder = data.dataset_builder(config.input.dataset, config.input.data_dir)
+    pp_eval = preprocess.build(pp_spec.resolve(config, "pp_eval"))
+    params_sharding = jax.tree.map(lambda a: a.sharding, self.abstract)
+    batch_size = options.eval_batch_size or config.eval_batch_size
+
+    def evaluator(split_key):
+      split = data.open_split(builder, config.input[split_key], tuple(config.input.classes),
+                              f"config.input.{split_key}")
+      return accuracy.SplitAccuracy(self.model, self.mesh, split, pp_eval, batch_size,
+                                    self.loss_fn, params_sharding, config.input.num_threads)
+
+    self.heldout = evaluator("heldout_split")
+    self.test = evaluator("test_split")
+    self.shifts = (shift_evaluators_fn(config, self.model, self.mesh, params_sharding, batch_size)
+                   if shift_evaluators_fn else {})
+    os.makedirs(soup_dir, exist_ok=True)
+    self.out = _Writer(soup_dir)
+
+  def restore(self, ingredient):
+    return ingredients_lib.restore(ingredient, self.abstract)
+
+  def evaluate(self, params, with_heldout=True):
+    """{'heldout_acc', 'test_acc', 'shift_acc': {name: acc}} of one set of weights."""
+    result = {"heldout_acc": self.heldout.evaluate(params)["accuracy"]} if with_heldout else {}
+    result["test_acc"] = self.test.evaluate(params)["accuracy"]
+    result["shift_acc"] = {name: ev.evaluate(params)["accuracy"]
+                           for name, ev in self.shifts.items()}
+    return result
+
+  def evaluate_ingredients(self):
+    """Evaluates each ingredient once (cached in evaluations.json)."""
+    for ingredient in self.ingredients:
+      if ingredient.name not in self.out.evaluations:
+        logging.info("Evaluating ingredient %s", ingredient.name)
+        self.out.evaluations[ingredient.name] = self.evaluate(self.restore(ingredient))
+        self.out.save()
+    self.out.results["ingredients"] = [
+        {"name": i.name, **self.out.evaluations[i.name]} for i in self.ingredients]
+    self.out.save()
+
+  def record(self, recipe, params, kept, **extra):
+    """Saves a soup's weights and its accuracies under results['soups'][recipe]."""
+    _save_weights(self.soup_dir, recipe, params)
+    self.out.results["soups"][recipe] = {**self.evaluate(params), "ingredients": kept, **extra}
+    self.out.save()
+
+  def done(self, recipe):
+    return recipe in self.out.results["soups"]
+
+
+def cook_uniform(kitchen):
+  params = averaging.average(kitchen.ingredients, kitchen.restore, kitchen.abstract)
+  kitchen.record("uniform", params, [i.name for i in kitchen.ingredients])
+
+
+def cook_greedy(kitchen):
+  heldout_acc = {name: e["heldout_acc"] for name, e in kitchen.out.evaluations.items()}
+  params, kept, _, stats = greedy.greedy_soup(
+      kitchen.ingredients, heldout_acc, kitchen.restore, averaging.RunningSum(kitchen.abstract),
+      kitchen.heldout, os.path.join(kitchen.soup_dir, greedy.JOURNAL),
+      early_abort=kitchen.options.greedy_early_abort, write=jax.process_index() == 0)
+  stats["batches_saved_by_early_abort"] = (stats["batches_full_evaluation"]
+                                           - stats["batches_evaluated"])
+  kitchen.record("greedy", params, kept, search=stats)
+  return params
+
+
+def cook_learned(kitchen):
+  options = kitchen.options
+  stacked = learned.stack(kitchen.ingredients, kitchen.restore, kitchen.abstract)
+  params, logits, epoch_losses = learned.fit(
+      kitchen.model, stacked, options.learned_mode, kitchen.heldout, kitchen.loss_fn,
+      epochs=options.learned_epochs, learning_rate=options.learned_lr)
+  del stacked
+  weights = learned.mixing_weights(logits)
+  if options.learned_mode == "global":
+    coefficients = dict(zip([i.name for i in kitchen.ingredients], map(float, weights)))
+  else:  # Per layer: the mean over tensors of each ingredient's coefficient.
+    mean = np.mean(np.stack(jax.tree.leaves(weights)), axis=0)
+    coefficients = dict(zip([i.name for i in kitchen.ingredients], map(float, mean)))
+  kitchen.record("learned", params, [i.name for i in kitchen.ingredients],
+                 mode=options.learned_mode, coefficients=coefficients,
+                 heldout_loss_per_epoch=epoch_losses)
+
+
+def cook_ensemble(kitchen):
+  evaluators = {"heldout_acc": kitchen.heldout, "test_acc": kitchen.test}
+  result = {key: ensemble.accuracy(kitchen.model, kitchen.ingredients, kitchen.restore, ev)
+            for key, ev in evaluators.items()}
+  result["shift_acc"] = {
+      name: ensemble.accuracy(kitchen.model, kitchen.ingredients, kitchen.restore, ev)
+      for name, ev in kitchen.shifts.items()}
+  kitchen.out.results["soups"]["ensemble"] = {
+      **result, "ingredients": [i.name for i in kitchen.ingredients]}
+  kitchen.out.save()
+
+
+def _pretrained_init(kitchen):
+  """The fine-tuning runs' starting point: their model_init loaded as the trainer loads it."""
+  config = kitchen.config
+  if not config.model_init:
+    raise ValueError("WiSE-FT needs the pre-trained weights, but the runs' config.model_init "
+                     "is empty (they trained from scratch)")
+  image = next(kitchen.heldout.global_batches())["image"]
+  init = jax.jit(lambda rng: kitchen.model.init(rng, image[:1])["params"])(
+      jax.random.key(config.seed))
+  loaded = pretrained.load_pretrained(
+      sharding.to_host(init), config.model_init, dont_load=config.model_load.dont_load,
+      ignore=config.model_load.ignore)
+  return jax.tree.map(lambda x, a: jax.device_put(np.asarray(x, a.dtype), a.sharding),
+                      loaded, kitchen.abstract)
+
+
+def cook_wise_ft(kitchen, endpoint_params, endpoint_name):
+  """Interpolates from the pre-trained init to `endpoint_params` over the configured alphas."""
+  start = _pretrained_init(kitchen)
+  points = []
+  for alpha in kitchen.options.wise_ft_alphas:
+    mixed = averaging.interpolate(start, endpoint_params, alpha)
+    points.append({"alpha": float(alpha), **kitchen.evaluate(mixed)})
+  kitchen.out.results["wise_ft"] = {"endpoint": endpoint_name,
+                                    "pretrained": kitchen.config.model_init, "points": points}
+  kitchen.out.save()
+
+
+def cook(ingredients, soup_dir, options=None, shift_evaluators_fn=None):
+  """Runs every recipe in `options.recipes` (resuming); returns results.json's content."""
+  options = options or Options()
+  unknown = set(options.recipes) - set(RECIPES)
+  if unknown:
+    raise ValueError(f"unknown recipes {sorted(unknown)}; known: {list(RECIPES)}")
+  kitchen = SoupKitchen(ingredients, soup_dir, options, shift_evaluators_fn)
+  kitchen.evaluate_ingredients()
+  greedy_params = None
+  for recipe in options.recipes:
+    if recipe == "wise_ft":
+      continue
+    if kitchen.done(recipe):
+      logging.info("%s soup already in %s", recipe, soup_dir)
+      continue
+    logging.info("Cooking the %s soup of %d ingredients", recipe, len(ingredients))
+    out = {"uniform": cook_uniform, "greedy": cook_greedy, "learned": cook_learned,
+           "ensemble": cook_ensemble}[recipe](kitchen)
+    if recipe == "greedy":
+      greedy_params = out
+  if "wise_ft" in options.recipes and "wise_ft" not in kitchen.out.results:
+    if "greedy" in kitchen.out.results["soups"]:
+      endpoint = "greedy"
+      params = greedy_params if greedy_params is not None else _restore_soup(kitchen, "greedy")
+    else:
+      endpoint = max(kitchen.out.evaluations, key=lambda n: kitchen.out.evaluations[n]["heldout_acc"])
+      params = kitchen.restore(next(i for i in ingredients if i.name == endpoint))
+    cook_wise_ft(kitchen, params, endpoint)
+  return kitchen.out.results
+
+
+def _restore_soup(kitchen, recipe):
+  orbax_dir = os.path.join(os.path.abspath(kitchen.soup_dir), recipe, "orbax")
+  return ocp.StandardCheckpointer().restore(orbax_dir, kitchen.abstract)

@@ -1,0 +1,242 @@
+"""The soup step: exact averages, ingredient checks, memory, greedy/learned soups on real runs."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from configs import fashion_mnist
+from soups import averaging
+from soups import greedy
+from soups import ingredients as ingredients_lib
+from soups import learned
+from soups import soup_step
+from tests.helpers import run_module
+from train import pretrained
+from train import sharding
+from train import trainer
+
+SOUP_RULES = soup_step.SOUP_SHARDING
+
+
+def _tree(seed, shapes=None):
+  rng = np.random.default_rng(seed)
+  shapes = shapes or {"embedding/kernel": (4, 4, 1, 32), "head/kernel": (32, 5),
+                      "head/bias": (5,), "Transformer/encoder_norm/scale": (32,)}
+  return {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+
+
+def _npz_ingredients(tmp_path, trees):
+  paths = []
+  for i, tree in enumerate(trees):
+    path = str(tmp_path / f"run{i}.npz")
+    pretrained.save_npz(path, tree)
+    paths.append(path)
+  return ingredients_lib.from_paths(paths, "params")
+
+
+def _abstract(ingredients, mesh):
+  meta = ingredients_lib.check_compatible(ingredients)
+  return ingredients_lib.abstract_params(
+      meta, lambda tree: sharding.tree_shardings(mesh, tree, SOUP_RULES))
+
+
+def test_uniform_soup_of_known_trees_is_the_numpy_mean_exactly(tmp_path):
+  trees = [_tree(i) for i in range(5)]
+  ingredients = _npz_ingredients(tmp_path, trees)
+  mesh = sharding.make_mesh((("data", -1),))
+  assert mesh.size == 8
+  abstract = _abstract(ingredients, mesh)
+  soup = averaging.average(ingredients, lambda i: ingredients_lib.restore(i, abstract), abstract)
+  assert soup["embedding"]["kernel"].sharding.spec != jax.sharding.PartitionSpec()  # Sharded.
+  for key in trees[0]:
+    expected = trees[0][key].copy()
+    for tree in trees[1:]:
+      expected = expected + tree[key]  # float32, in ingredient order, as the soup sums.
+    expected = expected / np.float32(len(trees))
+    got = sharding.to_host(soup)
+    for part in key.split("/"):
+      got = got[part]
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_allclose(got, np.mean([t[key] for t in trees], axis=0), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda t: {**t, "head/kernel": t["head/kernel"][:, :4]},
+     r"parameter 'head/kernel': run1 has shape \(32, 4\) dtype float32, run0 has shape \(32, 5\)"),
+    (lambda t: {k: v for k, v in t.items() if k != "head/bias"},
+     r"ingredient run1 \(.*run1.npz\) has no parameter 'head/bias', which run0 has"),
+    (lambda t: {**t, "extra/kernel": np.zeros(3, np.float32)},
+     r"ingredient run0 \(.*\) has no parameter 'extra/kernel', which run1 has"),
+    (lambda t: {**t, "head/bias": t["head/bias"].astype(np.float16)},
+     r"parameter 'head/bias': run1 has shape \(5,\) dtype float16"),
+])
+def test_mismatched_ingredients_are_refused_naming_the_first_differing_path(
+    tmp_path, change, message):
+  ingredients = _npz_ingredients(tmp_path, [_tree(0), change(_tree(1))])
+  with pytest.raises(ValueError, match=message):
+    ingredients_lib.check_compatible(ingredients)
+
+
+def test_missing_and_corrupt_ingredients_are_clear_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"ingredient .*nope.npz does not exist"):
+    ingredients_lib.from_paths([str(tmp_path / "nope.npz")], "params")
+  bad = tmp_path / "bad.npz"
+  bad.write_bytes(b"not a zip file")
+  with pytest.raises(ValueError, match=r"ingredients share the names \['bad'\]"):
+    ingredients_lib.from_paths([str(bad), str(bad)], "params")
+  good = _npz_ingredients(tmp_path, [_tree(0)])
+  with pytest.raises(ValueError, match=r"ingredient .*bad.npz is not a readable .npz"):
+    ingredients_lib.check_compatible(good + ingredients_lib.from_paths([str(bad)], "params"))
+  with pytest.raises(ValueError, match=r"no ingredients"):
+    ingredients_lib.check_compatible([])
+
+
+def test_soup_memory_per_device_is_flat_in_the_number_of_ingredients(tmp_path):
+  """XLA's compiled memory of one streaming add: about 2x (model / devices), for any N."""
+  shapes = {f"block{i}/kernel": (256, 512) for i in range(4)}
+  shapes["head/bias"] = (10,)
+  ingredients = _npz_ingredients(tmp_path, [_tree(0, shapes), _tree(1, shapes)])
+  mesh = sharding.make_mesh((("data", -1),))
+  abstract = _abstract(ingredients, mesh)
+  model_bytes = sum(np.prod(s) * 4 for s in shapes.values())
+  memory = averaging.RunningSum(abstract).add_memory_analysis(abstract)
+  per_device = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+  share = model_bytes / mesh.size
+  assert 1.9 * share <= per_device <= 2.5 * share, (per_device, share)
+  assert memory.alias_size_in_bytes >= 0.99 * share  # The running sum is updated in place.
+
+
+# Real ingredients: a pico/4 pre-trained upstream, fine-tuned downstream 4 ways.
+FINETUNES = {"lr0.003": {"lr": 0.003}, "lr0.01": {"lr": 0.01},
+             "lr0.03_smooth": {"lr": 0.03, "label_smoothing": 0.1},
+             "lr0.01_crop": {"lr": 0.01, "aug.crop_min_area": 0.5}}
+
+
+@pytest.fixture(scope="module")
+def finetuned_runs(tmp_path_factory, pretrained_npz, data_dir):
+  root = tmp_path_factory.mktemp("finetunes")
+  for name, overrides in FINETUNES.items():
+    config = fashion_mnist.get_config(f"init={pretrained_npz}")
+    config.update_from_flattened_dict({
+        "input.data_dir": data_dir, "total_steps": 80, "log_every_steps": 40,
+        "checkpoint.every_steps": 80, "ema.low": 0.9, "final_eval_weights": ("ema_low",),
+        "schedule.warmup_steps": 5, "input.heldout_split": "train[90%:95%]", **overrides})
+    trainer.train_and_evaluate(config, str(root / name))
+  return [str(root / name) for name in FINETUNES]
+
+
+@pytest.fixture(scope="module")
+def cooked(finetuned_runs, tmp_path_factory):
+  soup_dir = str(tmp_path_factory.mktemp("soup"))
+  ingredients = ingredients_lib.from_paths(finetuned_runs, "ema_low")
+  options = soup_step.Options(recipes=("uniform", "greedy", "learned", "ensemble", "wise_ft"),
+                              learned_epochs=2, wise_ft_alphas=(0.0, 0.5, 1.0))
+  return soup_dir, soup_step.cook(ingredients, soup_dir, options)
+
+
+def _journal(soup_dir):
+  with open(os.path.join(soup_dir, greedy.JOURNAL)) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_greedy_soup_is_at_least_the_best_ingredient_on_heldout(cooked):
+  soup_dir, results = cooked
+  best = max(i["heldout_acc"] for i in results["ingredients"])
+  soups = results["soups"]
+  assert soups["greedy"]["heldout_acc"] >= best
+  assert set(soups) == {"uniform", "greedy", "learned", "ensemble"}
+  for soup in soups.values():
+    assert 0.5 < soup["test_acc"] <= 1.0
+  journal = _journal(soup_dir)
+  order = sorted(results["ingredients"], key=lambda i: (-i["heldout_acc"], i["name"]))
+  assert [e["name"] for e in journal] == [i["name"] for i in order]
+  assert [e["name"] for e in journal if e["decision"] == "add"] == soups["greedy"]["ingredients"]
+  assert journal[0]["decision"] == "add" and journal[0]["heldout_acc"] == best
+  for name in ("uniform", "greedy", "learned"):
+    assert os.path.exists(os.path.join(soup_dir, name, "params.npz"))
+    assert os.path.isdir(os.path.join(soup_dir, name, "orbax"))
+  alphas = [p["alpha"] for p in results["wise_ft"]["points"]]
+  assert alphas == [0.0, 0.5, 1.0] and results["wise_ft"]["endpoint"] == "greedy"
+  assert results["wise_ft"]["points"][-1]["test_acc"] == pytest.approx(soups["greedy"]["test_acc"])
+
+
+@pytest.mark.slow
+def test_greedy_resume_early_abort_and_test_split_independence(cooked, finetuned_runs, tmp_path):
+  soup_dir, results = cooked
+  full = _journal(soup_dir)
+  ingredients = ingredients_lib.from_paths(finetuned_runs, "ema_low")
+  # Resume: a journal cut after two decisions (and a torn third line) ends the same.
+  resumed_dir = tmp_path / "resumed"
+  resumed_dir.mkdir()
+  with open(resumed_dir / greedy.JOURNAL, "w") as f:
+    f.write("".join(json.dumps(e) + "\n" for e in full[:2]) + '{"name": "lr0.0')
+  with open(resumed_dir / soup_step.EVALUATIONS, "w") as f:
+    json.dump({i["name"]: {k: i[k] for k in ("heldout_acc", "test_acc", "shift_acc")}
+               for i in results["ingredients"]}, f)
+  resumed = soup_step.cook(ingredients, str(resumed_dir), soup_step.Options(recipes=("greedy",)))
+  assert _journal(resumed_dir) == full
+  assert resumed["soups"]["greedy"]["ingredients"] == results["soups"]["greedy"]["ingredients"]
+  # Without early abort: the same decisions, at least as many forward passes.
+  exhaustive_dir = tmp_path / "exhaustive"
+  exhaustive = soup_step.cook(ingredients, str(exhaustive_dir), soup_step.Options(
+      recipes=("greedy",), greedy_early_abort=False))
+  assert [e["decision"] for e in _journal(exhaustive_dir)] == [e["decision"] for e in full]
+  search = results["soups"]["greedy"]["search"]
+  assert exhaustive["soups"]["greedy"]["search"]["batches_evaluated"] == \
+      search["batches_full_evaluation"] >= search["batches_evaluated"]
+  assert search["batches_saved_by_early_abort"] == (search["batches_full_evaluation"]
+                                                   - search["batches_evaluated"])
+  # Greedy never looks at the test split: another test split, the same journal.
+  copies = []
+  for run in finetuned_runs:
+    copy = tmp_path / "runs" / os.path.basename(run)
+    shutil.copytree(run, copy)
+    with open(copy / "config.json") as f:
+      config = json.load(f)
+    config["input"]["test_split"] = "test[:20%]"
+    with open(copy / "config.json", "w") as f:
+      json.dump(config, f)
+    copies.append(str(copy))
+  other_dir = tmp_path / "other_test"
+  other = soup_step.cook(ingredients_lib.from_paths(copies, "ema_low"), str(other_dir),
+                         soup_step.Options(recipes=("greedy",)))
+  assert [{k: e[k] for k in ("name", "decision", "soup_heldout_acc")} for e in _journal(other_dir)] \
+      == [{k: e[k] for k in ("name", "decision", "soup_heldout_acc")} for e in full]
+  assert other["soups"]["greedy"]["heldout_acc"] == results["soups"]["greedy"]["heldout_acc"]
+
+
+@pytest.mark.slow
+def test_learned_soup_of_one_ingredient_returns_it(finetuned_runs, tmp_path):
+  ingredients = ingredients_lib.from_paths(finetuned_runs[:1], "ema_low")
+  kitchen = soup_step.SoupKitchen(ingredients, str(tmp_path), soup_step.Options())
+  stacked = learned.stack(ingredients, kitchen.restore, kitchen.abstract)
+  for mode in learned.MODES:
+    params, _, _ = learned.fit(kitchen.model, stacked, mode, kitchen.heldout, kitchen.loss_fn,
+                               epochs=1)
+    jax.tree.map(np.testing.assert_array_equal, sharding.to_host(params),
+                 sharding.to_host(kitchen.restore(ingredients[0])))
+
+
+@pytest.mark.slow
+def test_one_and_eight_device_soups_are_equal(finetuned_runs, tmp_path):
+  args = [f"--ingredients={','.join(finetuned_runs)}", "--recipes=uniform,greedy"]
+  outputs = {}
+  for devices in (1, 8):
+    soup_dir = tmp_path / f"devices{devices}"
+    run_module("soups", *args, f"--soup_dir={soup_dir}", devices=devices)
+    with open(soup_dir / "results.json") as f:
+      outputs[devices] = (json.load(f), {r: pretrained.load_npz(soup_dir / r / "params.npz")
+                                         for r in ("uniform", "greedy")})
+  (results1, weights1), (results8, weights8) = outputs[1], outputs[8]
+  for recipe in ("uniform", "greedy"):
+    assert results1["soups"][recipe]["ingredients"] == results8["soups"][recipe]["ingredients"]
+    for key in weights1[recipe]:
+      np.testing.assert_allclose(weights1[recipe][key], weights8[recipe][key], rtol=1e-6, atol=1e-7)
+    assert results1["soups"][recipe]["heldout_acc"] == pytest.approx(
+        results8["soups"][recipe]["heldout_acc"], abs=1e-3)
