@@ -240,3 +240,17 @@ def test_one_and_eight_device_soups_are_equal(finetuned_runs, tmp_path):
       np.testing.assert_allclose(weights1[recipe][key], weights8[recipe][key], rtol=1e-6, atol=1e-7)
     assert results1["soups"][recipe]["heldout_acc"] == pytest.approx(
         results8["soups"][recipe]["heldout_acc"], abs=1e-3)
+
+
+def test_sweep_ingredients_are_the_finished_runs_of_the_manifest(finetuned_runs, tmp_path):
+  unfinished = tmp_path / "still_running"
+  unfinished.mkdir()
+  runs = [{"name": os.path.basename(r), "workdir": r, "overrides": {}, "status": "done"}
+          for r in finetuned_runs] + [{"name": "still_running", "workdir": str(unfinished),
+                                       "overrides": {}, "status": "running"}]
+  (tmp_path / "manifest.json").write_text(json.dumps({"runs": runs}))
+  ingredients = ingredients_lib.from_sweep(str(tmp_path), "ema_high")
+  assert [i.name for i in ingredients] == [os.path.basename(r) for r in finetuned_runs]
+  assert all(i.path.endswith("/80/ema_high") for i in ingredients)
+  with pytest.raises(FileNotFoundError, match=r"manifest.json does not exist"):
+    ingredients_lib.from_sweep(str(unfinished), "ema_low")
