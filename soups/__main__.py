@@ -48,7 +48,8 @@ def main(argv):
   options = soup_step.Options(
       recipes=tuple(_RECIPES.value), greedy_early_abort=_EARLY_ABORT.value,
       learned_mode=_LEARNED_MODE.value, learned_epochs=_LEARNED_EPOCHS.value,
-      wise_ft_alphas=tuple(float(a) for a in _WISE_FT_ALPHAS.value))
+      wise_ft_alphas=tuple(float(a) for a in _WISE_FT_ALPHAS.value),
+      shift_suite=_SHIFT_SUITE.value)
   logging.info("Cooking %d ingredients into %s", len(ingredients), soup_dir)
   results = soup_step.cook(ingredients, soup_dir, options)
   for name, soup in results["soups"].items():

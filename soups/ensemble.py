@@ -26,6 +26,8 @@ def accuracy(model, ingredients, restore, evaluator):
     stacked = np.concatenate(batch_logits)
     summed = stacked if summed is None else summed + stacked
   labels, mask = np.concatenate(labels), np.concatenate(masks)
+  if evaluator.class_subset is not None:  # e.g. ImageNet-R: only its 200 classes compete.
+    summed, labels = summed[:, evaluator.class_subset], labels[:, evaluator.class_subset]
   top1 = np.argmax(summed, axis=-1)
   correct = labels[np.arange(len(top1)), top1] > 0
   return float(np.sum(correct * mask) / np.sum(mask))

@@ -6,6 +6,7 @@
   <recipe>/params.npz   each soup's weights, big_vision layout
   <recipe>/orbax/       the same, as an orbax checkpoint (sharded restore)
   results.json          {"ingredients": [...], "soups": {...}, "wise_ft": {...}}
+  report.md, *.png      the report (eval/report.py)
 
 Every piece is written atomically as soon as it is known and reused when the
 command is re-run, so an interrupted soup step resumes where it stopped.
@@ -22,17 +23,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from eval import evaluators as eval_lib
+from eval import report
 from soups import averaging
 from soups import ensemble
 from soups import greedy
 from soups import ingredients as ingredients_lib
 from soups import learned
-from train import accuracy
-from train import data
 from train import files
 from train import losses
-from train import pp_spec
-from train import preprocess
 from train import pretrained
 from train import sharding
 from train import vit
@@ -56,6 +55,7 @@ class Options:
   learned_lr: float = 0.1
   wise_ft_alphas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
   eval_batch_size: int = 0  # 0: the runs' config.eval_batch_size.
+  shift_suite: str = ""  # A suite of eval/shifts.py, e.g. 'fashion_mnist_shifts'.
 
 
 def _get(config, dotted):
@@ -118,7 +118,7 @@ def _save_weights(soup_dir, recipe, params):
 class SoupKitchen:
   """Everything the recipes share: model, mesh, target sharding, evaluators, outputs."""
 
-  def __init__(self, ingredients, soup_dir, options, shift_evaluators_fn=None):
+  def __init__(self, ingredients, soup_dir, options):
     self.ingredients, self.soup_dir, self.options = ingredients, soup_dir, options
     self.shared_metadata = ingredients_lib.check_compatible(ingredients)
     self.config = shared_config(ingredients)
@@ -128,21 +128,12 @@ class SoupKitchen:
         self.shared_metadata, lambda tree: sharding.tree_shardings(self.mesh, tree, SOUP_SHARDING))
     self.model = vit.build_model(config.model, config.num_classes)
     self.loss_fn = losses.get(config.loss)
-    builder = data.dataset_builder(config.input.dataset, config.input.data_dir)
-    pp_eval = preprocess.build(pp_spec.resolve(config, "pp_eval"))
-    params_sharding = jax.tree.map(lambda a: a.sharding, self.abstract)
-    batch_size = options.eval_batch_size or config.eval_batch_size
-
-    def evaluator(split_key):
-      split = data.open_split(builder, config.input[split_key], tuple(config.input.classes),
-                              f"config.input.{split_key}")
-      return accuracy.SplitAccuracy(self.model, self.mesh, split, pp_eval, batch_size,
-                                    self.loss_fn, params_sharding, config.input.num_threads)
-
-    self.heldout = evaluator("heldout_split")
-    self.test = evaluator("test_split")
-    self.shifts = (shift_evaluators_fn(config, self.model, self.mesh, params_sharding, batch_size)
-                   if shift_evaluators_fn else {})
+    evaluators = eval_lib.Evaluators(config, self.model, self.mesh,
+                                     jax.tree.map(lambda a: a.sharding, self.abstract),
+                                     options.eval_batch_size)
+    self.heldout = evaluators.split("heldout")
+    self.test = evaluators.split("test")
+    self.shifts = evaluators.suite(options.shift_suite) if options.shift_suite else {}
     os.makedirs(soup_dir, exist_ok=True)
     self.out = _Writer(soup_dir)
 
@@ -253,13 +244,13 @@ def cook_wise_ft(kitchen, endpoint_params, endpoint_name):
   kitchen.out.save()
 
 
-def cook(ingredients, soup_dir, options=None, shift_evaluators_fn=None):
+def cook(ingredients, soup_dir, options=None):
   """Runs every recipe in `options.recipes` (resuming); returns results.json's content."""
   options = options or Options()
   unknown = set(options.recipes) - set(RECIPES)
   if unknown:
     raise ValueError(f"unknown recipes {sorted(unknown)}; known: {list(RECIPES)}")
-  kitchen = SoupKitchen(ingredients, soup_dir, options, shift_evaluators_fn)
+  kitchen = SoupKitchen(ingredients, soup_dir, options)
   kitchen.evaluate_ingredients()
   greedy_params = None
   for recipe in options.recipes:
@@ -281,6 +272,8 @@ def cook(ingredients, soup_dir, options=None, shift_evaluators_fn=None):
       endpoint = max(kitchen.out.evaluations, key=lambda n: kitchen.out.evaluations[n]["heldout_acc"])
       params = kitchen.restore(next(i for i in ingredients if i.name == endpoint))
     cook_wise_ft(kitchen, params, endpoint)
+  if jax.process_index() == 0:
+    report.write_report(soup_dir)
   return kitchen.out.results
 
 

@@ -5,10 +5,15 @@ import os
 import shutil
 
 import jax
+import ml_collections
 import numpy as np
+from PIL import Image
 import pytest
 
 from configs import fashion_mnist
+from eval import __main__ as eval_cli
+from eval import report as report_lib
+from eval import shifts
 from soups import averaging
 from soups import greedy
 from soups import ingredients as ingredients_lib
@@ -125,7 +130,8 @@ def finetuned_runs(tmp_path_factory, pretrained_npz, data_dir):
     config.update_from_flattened_dict({
         "input.data_dir": data_dir, "total_steps": 80, "log_every_steps": 40,
         "checkpoint.every_steps": 80, "ema.low": 0.9, "final_eval_weights": ("ema_low",),
-        "schedule.warmup_steps": 5, "input.heldout_split": "train[90%:95%]", **overrides})
+        "schedule.warmup_steps": 5, "input.heldout_split": "train[90%:95%]",
+        "input.test_split": "test[:50%]", **overrides})
     trainer.train_and_evaluate(config, str(root / name))
   return [str(root / name) for name in FINETUNES]
 
@@ -135,7 +141,8 @@ def cooked(finetuned_runs, tmp_path_factory):
   soup_dir = str(tmp_path_factory.mktemp("soup"))
   ingredients = ingredients_lib.from_paths(finetuned_runs, "ema_low")
   options = soup_step.Options(recipes=("uniform", "greedy", "learned", "ensemble", "wise_ft"),
-                              learned_epochs=2, wise_ft_alphas=(0.0, 0.5, 1.0))
+                              learned_epochs=2, wise_ft_alphas=(0.0, 0.5, 1.0),
+                              shift_suite="fashion_mnist_shifts")
   return soup_dir, soup_step.cook(ingredients, soup_dir, options)
 
 
@@ -254,3 +261,30 @@ def test_sweep_ingredients_are_the_finished_runs_of_the_manifest(finetuned_runs,
   assert all(i.path.endswith("/80/ema_high") for i in ingredients)
   with pytest.raises(FileNotFoundError, match=r"manifest.json does not exist"):
     ingredients_lib.from_sweep(str(unfinished), "ema_low")
+
+
+@pytest.mark.slow
+def test_report_matches_results_and_direct_evaluation(cooked, finetuned_runs):
+  soup_dir, results = cooked
+  report = open(os.path.join(soup_dir, "report.md")).read()
+  shift_names = sorted(results["ingredients"][0]["shift_acc"])
+  assert shift_names == sorted(e.name for e in shifts.suite("fashion_mnist_shifts"))
+  rows = {line.split(" | ")[0].strip("| *"): line.split(" | ")[1:]
+          for line in report.splitlines() if line.startswith("| ") and " | " in line}
+  for name, soup in results["soups"].items():
+    label = "ensemble (N× cost)" if name == "ensemble" else f"{name} soup"
+    cells = [c.strip(" |") for c in rows[label]]
+    assert cells[0] == f"{100 * soup['heldout_acc']:.2f}" and cells[1] == f"{100 * soup['test_acc']:.2f}"
+    average = np.mean([soup["shift_acc"][s] for s in shift_names])
+    assert cells[-1] == f"{100 * average:.2f}"
+  # The greedy soup's exported weights, evaluated directly, give the reported test accuracy.
+  with open(os.path.join(finetuned_runs[0], "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  direct = eval_cli.evaluate(os.path.join(soup_dir, "greedy", "params.npz"), "test", config)
+  assert direct["datasets"]["test"]["accuracy"] == pytest.approx(
+      results["soups"]["greedy"]["test_acc"], abs=1e-6)
+  for plot in report_lib.PLOTS:
+    path = os.path.join(soup_dir, plot)
+    assert os.path.getsize(path) > 10_000, plot
+    with Image.open(path) as image:
+      assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 50, plot

@@ -25,14 +25,20 @@ class SplitAccuracy:
   """`evaluate(params)` -> {'accuracy', 'loss', 'num_examples'} on one split."""
 
   def __init__(self, model, mesh, split, preprocess_fn, batch_size, loss_fn,
-               params_sharding, num_threads=0):
+               params_sharding, num_threads=0, class_subset=None):
+    """`class_subset`: score only these output classes (e.g. ImageNet-R's 200 of 1000)."""
     self.mesh, self.split, self.preprocess_fn = mesh, split, preprocess_fn
-    self.batch_size, self.num_threads = batch_size, num_threads
+    # Rounded up to split evenly over the devices; padding absorbs the difference.
+    self.batch_size = -(-batch_size // mesh.size) * mesh.size
+    self.num_threads = num_threads
+    self.model, self.class_subset = model, class_subset
     self.batch_sharding = sharding.batch_sharding(mesh)
 
     def batch_sums(params, batch):
-      logits = model.apply({"params": params}, batch["image"])
-      return _batch_sums(logits, batch["labels"], batch["mask"], loss_fn)
+      logits, labels = model.apply({"params": params}, batch["image"]), batch["labels"]
+      if class_subset is not None:
+        logits, labels = logits[:, class_subset], labels[:, class_subset]
+      return _batch_sums(logits, labels, batch["mask"], loss_fn)
 
     self._batch_sums = jax.jit(
         batch_sums, in_shardings=(params_sharding, self.batch_sharding),

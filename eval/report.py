@@ -1,0 +1,172 @@
+r"""report.md and plots of a soup directory, from its results.json and greedy journal.
+
+  python -m eval.report --soup_dir=runs/demo/sweep/soups/ema_low
+
+Writes `report.md` (a table of every ingredient and soup: held-out, test,
+each shift and the shift average, in %) and three PNGs in the spirit of the
+model-soups paper: held-out vs test accuracy, average shift accuracy vs test
+accuracy, and the greedy soup's held-out accuracy as candidates are tried.
+"""
+
+import io
+import json
+import os
+
+from absl import app
+from absl import flags
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+from train import files  # pylint: disable=g-import-not-at-top
+
+SOUP_ORDER = ("uniform", "greedy", "learned", "ensemble")
+SOUP_STYLE = {"uniform": ("s", "tab:blue"), "greedy": ("*", "tab:red"),
+              "learned": ("D", "tab:green"), "ensemble": ("P", "tab:purple")}
+PLOTS = ("heldout_vs_test.png", "shift_vs_test.png", "greedy_progress.png")
+
+
+def shift_average(row):
+  shifts = row.get("shift_acc") or {}
+  return sum(shifts.values()) / len(shifts) if shifts else None
+
+
+def _pct(value):
+  return "–" if value is None else f"{100 * value:.2f}"
+
+
+def _rows(results):
+  rows = [(i["name"], "ingredient", i) for i in results["ingredients"]]
+  rows += [(f"**{name} soup**" if name != "ensemble" else "**ensemble (N× cost)**", name,
+            results["soups"][name]) for name in SOUP_ORDER if name in results["soups"]]
+  return rows
+
+
+def markdown(results, journal):
+  """The report's text."""
+  shift_names = sorted({k for _, _, r in _rows(results) for k in (r.get("shift_acc") or {})})
+  header = ["model", "held-out %", "test %"] + [f"{s} %" for s in shift_names]
+  header += ["shift avg %"] if shift_names else []
+  lines = ["# Soup report", "",
+           f"{len(results['ingredients'])} ingredients. Accuracies in %; the held-out split "
+           "ranks and selects, test and shifts are measured after.", "",
+           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for label, _, row in _rows(results):
+    cells = [label, _pct(row["heldout_acc"]), _pct(row["test_acc"])]
+    cells += [_pct((row.get("shift_acc") or {}).get(s)) for s in shift_names]
+    cells += [_pct(shift_average(row))] if shift_names else []
+    lines.append("| " + " | ".join(cells) + " |")
+  best = max(results["ingredients"], key=lambda i: i["heldout_acc"])
+  lines += ["", f"Best single run on held-out: {best['name']} (test {_pct(best['test_acc'])}%)."]
+  if "greedy" in results["soups"]:
+    greedy = results["soups"]["greedy"]
+    lines.append(f"Greedy soup: {len(greedy['ingredients'])} ingredients "
+                 f"({', '.join(greedy['ingredients'])}); test "
+                 f"{100 * (greedy['test_acc'] - best['test_acc']):+.2f} points vs the best run.")
+  if journal:
+    lines += ["", "## Greedy search", "", "| # | candidate | its held-out % | soup with it % | decision |",
+              "|---|---|---|---|---|"]
+    for i, e in enumerate(journal, 1):
+      soup = (_pct(e["soup_heldout_acc"]) if e.get("soup_heldout_acc") is not None
+              else f"≤ {_pct(e.get('soup_heldout_acc_at_most'))} (stopped early)")
+      lines.append(f"| {i} | {e['name']} | {_pct(e['heldout_acc'])} | {soup} | {e['decision']} |")
+  if "wise_ft" in results:
+    wise = results["wise_ft"]
+    lines += ["", f"## WiSE-FT: pre-trained → {wise['endpoint']}", "",
+              "| α | held-out % | test % | shift avg % |", "|---|---|---|---|"]
+    for p in wise["points"]:
+      lines.append(f"| {p['alpha']:g} | {_pct(p['heldout_acc'])} | {_pct(p['test_acc'])} | "
+                   f"{_pct(shift_average(p))} |")
+  lines += ["", "Plots: " + ", ".join(f"![{p[:-4]}]({p})" for p in PLOTS), ""]
+  return "\n".join(lines)
+
+
+def _save(fig, path):
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png")
+  plt.close(fig)
+  files.write_bytes_atomic(path, buffer.getvalue())
+
+
+def _scatter(results, y_of, ylabel, title, path):
+  fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+  ingredients = [(100 * i["test_acc"], 100 * y_of(i)) for i in results["ingredients"]
+                 if y_of(i) is not None]
+  if ingredients:
+    ax.scatter(*zip(*ingredients), c="tab:gray", alpha=0.7, label="fine-tuned runs")
+  for name in SOUP_ORDER:
+    soup = results["soups"].get(name)
+    if soup is not None and y_of(soup) is not None:
+      marker, color = SOUP_STYLE[name]
+      ax.scatter(100 * soup["test_acc"], 100 * y_of(soup), marker=marker, s=140, c=color,
+                 edgecolors="black", label=f"{name} soup" if name != "ensemble" else "ensemble")
+  ax.set_xlabel("test accuracy (%)")
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(loc="best", fontsize=8)
+  else:
+    ax.text(0.5, 0.5, "not measured\n(soup step run without --shift_suite)", ha="center",
+            va="center", transform=ax.transAxes)
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def _greedy_plot(journal, path):
+  fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+  steps = range(1, len(journal) + 1)
+  own = [100 * e["heldout_acc"] for e in journal]
+  ax.plot(steps, own, "o", c="tab:gray", label="candidate alone")
+  best, soup_curve = None, []
+  for e in journal:
+    if e["decision"] == "add":
+      best = e["soup_heldout_acc"]
+    soup_curve.append(100 * best)
+  ax.step(steps, soup_curve, where="post", c="tab:red", label="greedy soup")
+  added = [(s, c) for s, c, e in zip(steps, soup_curve, journal) if e["decision"] == "add"]
+  ax.plot(*zip(*added), "*", ms=12, c="tab:red", label="ingredient added")
+  ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+  ax.set_xlabel("candidates tried (sorted by held-out accuracy)")
+  ax.set_ylabel("held-out accuracy (%)")
+  ax.set_title("Greedy soup: held-out accuracy as ingredients are added")
+  ax.grid(alpha=0.3)
+  ax.legend(loc="best", fontsize=8)
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def read_journal(soup_dir):
+  path = os.path.join(soup_dir, "greedy_journal.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def write_report(soup_dir):
+  """Writes report.md and the plots into `soup_dir`; returns the report's path."""
+  with open(os.path.join(soup_dir, "results.json")) as f:
+    results = json.load(f)
+  journal = read_journal(soup_dir)
+  _scatter(results, lambda r: r["heldout_acc"], "held-out accuracy (%)",
+           "Held-out vs test accuracy", os.path.join(soup_dir, PLOTS[0]))
+  _scatter(results, shift_average, "average shift accuracy (%)",
+           "Robustness: shift vs in-distribution accuracy", os.path.join(soup_dir, PLOTS[1]))
+  if journal:
+    _greedy_plot(journal, os.path.join(soup_dir, PLOTS[2]))
+  path = os.path.join(soup_dir, "report.md")
+  files.write_bytes_atomic(path, markdown(results, journal).encode())
+  return path
+
+
+def main(argv):
+  del argv
+  print(f"wrote {write_report(flags.FLAGS.soup_dir)}")
+
+
+if __name__ == "__main__":
+  # Defined here, not at import: the soup CLI imports this module and has its own --soup_dir.
+  flags.DEFINE_string("soup_dir", None, "A soup directory with results.json.", required=True)
+  app.run(main)
