@@ -1,4 +1,8 @@
-"""python -m train --config=configs/<file>.py:<arg> --workdir=<dir> [--config.key=value ...]"""
+"""python -m train --config=configs/<file>.py:<arg> --workdir=<dir> [--config.key=value ...]
+
+Multi-host: add --distributed=auto (SLURM, TPU pods) or --distributed=explicit
+--coordinator_address=host:port --num_processes=N --process_id=i.
+"""
 
 import os
 
@@ -12,6 +16,7 @@ from absl import flags
 from ml_collections import config_flags
 import tensorflow as tf
 
+from train import distributed
 from train import run_log
 from train import trainer
 
@@ -41,6 +46,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   tf.config.set_visible_devices([], "GPU")  # Keep accelerators for JAX.
   run_log.quiet_library_logs()
+  distributed.initialize()
   trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

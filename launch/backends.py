@@ -1,0 +1,120 @@
+"""Where runs execute: this machine, a SLURM array, or every host of a TPU pod.
+
+Every backend runs the same trainer command per run,
+`python -m train --config=<base> --workdir=<sweep_dir>/<name> --config.k=v ...`;
+the multi-host ones add `--distributed=auto` so each process joins its job
+through `jax.distributed` from the SLURM or TPU environment.
+"""
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+from launch import sweep as sweep_lib
+from train import files
+
+BACKENDS = ("local", "slurm", "tpu")
+
+
+def train_command(base, run_entry, sweep_dir, python=sys.executable, extra=()):
+  return [python, "-m", "train", f"--config={base}",
+          f"--workdir={os.path.join(sweep_dir, run_entry['workdir'])}",
+          *sweep_lib.override_flags(run_entry["overrides"]), *extra]
+
+
+def _device_slots(gpus, parallel):
+  """Splits the listed accelerator ids into `parallel` disjoint slots (env per slot)."""
+  if not gpus:
+    return [{} for _ in range(parallel)]
+  if len(gpus) < parallel:
+    raise ValueError(f"--gpus={','.join(gpus)} has fewer devices than --parallel={parallel}")
+  per_slot = len(gpus) // parallel
+  return [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * per_slot:(i + 1) * per_slot])}
+          for i in range(parallel)]
+
+
+def run_local(sweep_dir, manifest, entries, parallel=1, gpus=(), dry_run=False, log=print):
+  """Runs `entries` on this machine, `parallel` at a time; returns the names that failed."""
+  commands = {e["name"]: train_command(manifest["base"], e, sweep_dir) for e in entries}
+  if dry_run:
+    for command in commands.values():
+      log(shlex.join(command))
+    return []
+  slots = _device_slots(list(gpus), parallel)
+  queue, running, failed = list(entries), {}, []
+  while queue or running:
+    while queue and len(running) < parallel:
+      entry = queue.pop(0)
+      slot = next(i for i in range(parallel) if i not in {s for s, _ in running.values()})
+      workdir = os.path.join(sweep_dir, entry["workdir"])
+      os.makedirs(workdir, exist_ok=True)
+      if os.path.exists(os.path.join(workdir, "FAILED")):  # A retry clears the old failure.
+        os.remove(os.path.join(workdir, "FAILED"))
+      with open(os.path.join(workdir, "train.log"), "ab") as out:
+        proc = subprocess.Popen(commands[entry["name"]], stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **slots[slot]})
+      files.write_bytes_atomic(os.path.join(workdir, "RUNNING"), str(proc.pid).encode())
+      running[entry["name"]] = (slot, proc)
+      log(f"[launch] started {entry['name']} (pid {proc.pid})")
+    time.sleep(0.5)
+    for name, (slot, proc) in list(running.items()):
+      if proc.poll() is None:
+        continue
+      del running[name]
+      workdir = os.path.join(sweep_dir, name)
+      os.remove(os.path.join(workdir, "RUNNING"))
+      if proc.returncode:
+        failed.append(name)
+        files.write_bytes_atomic(os.path.join(workdir, "FAILED"), str(proc.returncode).encode())
+        log(f"[launch] {name} FAILED (exit {proc.returncode}); see {workdir}/train.log")
+      else:
+        log(f"[launch] {name} done")
+  return failed
+
+
+def slurm_script(sweep_dir, manifest, entries, nodes=1, gpus_per_node=0, time_limit="24:00:00",
+                 partition="", max_parallel=0):
+  """Writes `<sweep_dir>/launch/{commands.txt,sweep.sbatch}`: one array task per run."""
+  launch_dir = os.path.join(os.path.abspath(sweep_dir), "launch")
+  lines = [shlex.join(train_command(manifest["base"], e, os.path.abspath(sweep_dir), "python",
+                                    ("--distributed=auto",) if nodes > 1 else ()))
+           for e in entries]
+  files.write_bytes_atomic(os.path.join(launch_dir, "commands.txt"), ("\n".join(lines) + "\n").encode())
+  array = f"0-{len(entries) - 1}" + (f"%{max_parallel}" if max_parallel else "")
+  header = [
+      "#!/bin/bash",
+      "#SBATCH --job-name=stockpot-sweep",
+      f"#SBATCH --array={array}",
+      f"#SBATCH --nodes={nodes}",
+      "#SBATCH --ntasks-per-node=1",
+      f"#SBATCH --time={time_limit}",
+      f"#SBATCH --output={launch_dir}/slurm-%A_%a.out",
+  ] + ([f"#SBATCH --gres=gpu:{gpus_per_node}"] if gpus_per_node else []) \
+    + ([f"#SBATCH --partition={partition}"] if partition else [])
+  body = [
+      "# One run per array task; with --nodes > 1, srun starts one process per node and",
+      "# jax.distributed.initialize() reads SLURM's variables (--distributed=auto).",
+      f"cd {shlex.quote(os.getcwd())}",
+      f'COMMAND=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {launch_dir}/commands.txt)',
+      'srun bash -c "$COMMAND"',
+  ]
+  script = os.path.join(launch_dir, "sweep.sbatch")
+  files.write_bytes_atomic(script, ("\n".join(header + [""] + body) + "\n").encode())
+  return script
+
+
+def tpu_commands(sweep_dir, manifest, entries, tpu_name, zone, repo_dir="~/stockpot", project=""):
+  """The gcloud commands that run each run on every host of a TPU pod, one run after another."""
+  commands = []
+  for entry in entries:
+    train = shlex.join(train_command(manifest["base"], entry, sweep_dir, "python3",
+                                     ("--distributed=auto",)))
+    commands.append(
+        ["gcloud", "compute", "tpus", "tpu-vm", "ssh", tpu_name, f"--zone={zone}", "--worker=all"]
+        + ([f"--project={project}"] if project else [])
+        + [f"--command=cd {repo_dir} && {train}"])
+  return commands
+
+

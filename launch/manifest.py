@@ -1,0 +1,90 @@
+"""manifest.json of a sweep directory: which sweep it belongs to and every run's state.
+
+{"sweep": "configs/sweeps/x.py:arg", "base": "configs/x.py:arg",
+ "runs": [{"name", "overrides", "workdir", "status"}]}
+
+`workdir` is relative to the sweep directory. Runs are only ever appended:
+re-launching a grown grid keeps existing names and directories.
+"""
+
+import json
+import os
+
+from train import files
+
+MANIFEST = "manifest.json"
+STATES = ("pending", "running", "interrupted", "done", "failed")
+
+
+def path(sweep_dir):
+  return os.path.join(sweep_dir, MANIFEST)
+
+
+def load(sweep_dir):
+  if not os.path.exists(path(sweep_dir)):
+    return None
+  with open(path(sweep_dir)) as f:
+    return json.load(f)
+
+
+def merge(sweep_dir, sweep_spec, base, runs):
+  """The manifest with `runs` added; a sweep_dir of another base config is refused."""
+  existing = load(sweep_dir)
+  if existing is not None and existing["base"] != base:
+    raise ValueError(
+        f"{path(sweep_dir)} belongs to another sweep (base config {existing['base']!r}, "
+        f"not {base!r}): use another --sweep_dir")
+  manifest = existing or {"sweep": sweep_spec, "base": base, "runs": []}
+  manifest["sweep"] = sweep_spec
+  known = {r["name"] for r in manifest["runs"]}
+  for run in runs:
+    if run.name not in known:
+      manifest["runs"].append({"name": run.name, "overrides": run.overrides,
+                               "workdir": run.name, "status": "pending"})
+  return manifest
+
+
+def run_state(sweep_dir, entry):
+  """(state, last logged step, held-out accuracy or None) from the run directory itself."""
+  workdir = os.path.join(sweep_dir, entry["workdir"])
+  results = os.path.join(workdir, "results.json")
+  if os.path.exists(results):
+    with open(results) as f:
+      heldout = json.load(f)["heldout"]
+    accuracy = max((r["accuracy"] for r in heldout.values()), default=None)
+    return "done", None, accuracy
+  step = last_step(workdir)
+  if os.path.exists(os.path.join(workdir, "FAILED")):
+    return "failed", step, None
+  if alive(os.path.join(workdir, "RUNNING")):
+    return "running", step, None
+  return ("interrupted" if step else "pending"), step, None
+
+
+def last_step(workdir):
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(metrics):
+    return 0
+  with open(metrics) as f:
+    lines = [line for line in f if line.strip()]
+  return json.loads(lines[-1])["step"] if lines else 0
+
+
+def alive(pid_file):
+  """Whether the process whose pid is in `pid_file` (on this host) still runs."""
+  if not os.path.exists(pid_file):
+    return False
+  try:
+    with open(pid_file) as f:
+      os.kill(int(f.read().strip()), 0)
+    return True
+  except (ValueError, ProcessLookupError, PermissionError):
+    return False
+
+
+def refresh(sweep_dir, manifest):
+  """Updates every run's status from its directory and writes the manifest atomically."""
+  for entry in manifest["runs"]:
+    entry["status"] = run_state(sweep_dir, entry)[0]
+  files.write_json_atomic(path(sweep_dir), manifest)
+  return manifest
