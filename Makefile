@@ -14,9 +14,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: demo test test-fast deps data clean-demo
 
 demo: data
-	$(PY) -m train --config=configs/fashion_mnist.py:stage=pretrain --workdir=runs/demo/pretrain
-	$(PY) -m train --config=configs/fashion_mnist.py:init=runs/demo/pretrain/final/params.npz \
-	    --workdir=runs/demo/finetune
+	$(PY) -m launch.demo --out=runs/demo
 
 test: data
 	$(PY) -m pytest tests

@@ -44,6 +44,7 @@ def run_local(sweep_dir, manifest, entries, parallel=1, gpus=(), dry_run=False, 
     return []
   slots = _device_slots(list(gpus), parallel)
   queue, running, failed = list(entries), {}, []
+  start, finished = time.monotonic(), 0
   while queue or running:
     while queue and len(running) < parallel:
       entry = queue.pop(0)
@@ -71,6 +72,10 @@ def run_local(sweep_dir, manifest, entries, parallel=1, gpus=(), dry_run=False, 
         log(f"[launch] {name} FAILED (exit {proc.returncode}); see {workdir}/train.log")
       else:
         log(f"[launch] {name} done")
+      finished += 1
+      remaining = len(entries) - finished
+      eta = (time.monotonic() - start) / finished * remaining
+      log(f"[launch] {finished}/{len(entries)} runs finished | ETA {int(eta // 60)}m{int(eta % 60):02d}s")
   return failed
 
 

@@ -1,35 +1,54 @@
 """Logit ensemble: the mean of the ingredients' logits, the baseline with N× inference cost.
 
-Streams over ingredients: one model's weights on the mesh at a time; the
-running sum of logits over the split (examples × classes) is what is kept.
+The soup step evaluates each ingredient once; the same forward pass adds its
+logits to running sums per evaluation dataset (examples × classes, on the
+host), so the ensemble costs no extra pass. The sums are saved with the
+names they include, so an interrupted soup step neither loses nor double
+counts an ingredient.
 """
 
-import jax
+import io
+import os
+
 import numpy as np
 
-from train import sharding
+from train import accuracy
+from train import files
+
+LOGITS_FILE = "ensemble_logits.npz"
 
 
-def accuracy(model, ingredients, restore, evaluator):
-  """Top-1 accuracy of the mean logits of `ingredients` on `evaluator`'s split."""
-  logits_fn = jax.jit(lambda params, image: model.apply({"params": params}, image))
-  summed, labels, masks = None, [], []
-  for index, ingredient in enumerate(ingredients):
-    params = restore(ingredient)
-    batch_logits = []
-    for batch in evaluator.global_batches():
-      batch_logits.append(sharding.to_host(logits_fn(params, batch["image"])))
-      if index == 0:
-        labels.append(sharding.to_host(batch["labels"]))
-        masks.append(sharding.to_host(batch["mask"]))
-    del params
-    stacked = np.concatenate(batch_logits)
-    summed = stacked if summed is None else summed + stacked
-  labels, mask = np.concatenate(labels), np.concatenate(masks)
-  if evaluator.class_subset is not None:  # e.g. ImageNet-R: only its 200 classes compete.
-    summed, labels = summed[:, evaluator.class_subset], labels[:, evaluator.class_subset]
-  top1 = np.argmax(summed, axis=-1)
-  correct = labels[np.arange(len(top1)), top1] > 0
-  return float(np.sum(correct * mask) / np.sum(mask))
+class LogitSums:
+  """{dataset: summed logits} over `members`, with each dataset's labels and mask."""
 
+  def __init__(self, path):
+    self.path, self.members, self.sums, self.targets = path, [], {}, {}
+    if os.path.exists(path):
+      with np.load(path, allow_pickle=False) as saved:
+        self.members = list(saved["members"])
+        for key in saved.files:
+          kind, _, dataset = key.partition(":")
+          if kind == "sum":
+            self.sums[dataset] = saved[key]
+            self.targets[dataset] = (saved[f"labels:{dataset}"], saved[f"mask:{dataset}"])
 
+  def add(self, name, predictions):
+    """Adds one ingredient's {dataset: (logits, labels, mask)}."""
+    for dataset, (logits, labels, mask) in predictions.items():
+      self.sums[dataset] = logits + self.sums.get(dataset, 0.0)
+      self.targets[dataset] = (labels, mask)
+    self.members.append(name)
+
+  def save(self):
+    arrays = {"members": np.array(self.members)}
+    for dataset, total in self.sums.items():
+      labels, mask = self.targets[dataset]
+      arrays.update({f"sum:{dataset}": total, f"labels:{dataset}": labels,
+                     f"mask:{dataset}": mask})
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    files.write_bytes_atomic(self.path, buffer.getvalue())
+
+  def accuracy(self, dataset):
+    labels, mask = self.targets[dataset]
+    return accuracy.accuracy_from_logits(self.sums[dataset], labels, mask)

@@ -21,6 +21,13 @@ def _batch_sums(logits, labels, mask, loss_fn):
           "count": jnp.sum(mask)}
 
 
+def accuracy_from_logits(logits, labels, mask):
+  """Host-side top-1 accuracy with the same rule as the sharded step (labels[argmax] > 0)."""
+  top1 = np.argmax(logits, axis=-1)
+  correct = np.take_along_axis(labels, top1[:, None], axis=-1)[:, 0] > 0
+  return float(np.sum(correct * mask) / np.sum(mask))
+
+
 class SplitAccuracy:
   """`evaluate(params)` -> {'accuracy', 'loss', 'num_examples'} on one split."""
 
@@ -31,18 +38,22 @@ class SplitAccuracy:
     # Rounded up to split evenly over the devices; padding absorbs the difference.
     self.batch_size = -(-batch_size // mesh.size) * mesh.size
     self.num_threads = num_threads
-    self.model, self.class_subset = model, class_subset
     self.batch_sharding = sharding.batch_sharding(mesh)
 
-    def batch_sums(params, batch):
+    def scored(params, batch):
       logits, labels = model.apply({"params": params}, batch["image"]), batch["labels"]
       if class_subset is not None:
         logits, labels = logits[:, class_subset], labels[:, class_subset]
+      return logits, labels
+
+    def batch_sums(params, batch):
+      logits, labels = scored(params, batch)
       return _batch_sums(logits, labels, batch["mask"], loss_fn)
 
     self._batch_sums = jax.jit(
         batch_sums, in_shardings=(params_sharding, self.batch_sharding),
         out_shardings=sharding.replicated(mesh))
+    self._scored = jax.jit(scored, in_shardings=(params_sharding, self.batch_sharding))
 
   def num_batches(self):
     return -(-len(self.split) // self.batch_size)
@@ -65,6 +76,18 @@ class SplitAccuracy:
     """
     for batch in self.global_batches():
       yield self._batch_sums(params, batch)
+
+  def predictions(self, params):
+    """(logits, labels, mask) of the whole split on the host, scored classes only.
+
+    For ensembles: logits of several models can be summed and scored with
+    `accuracy_from_logits`, which applies the same rule as `evaluate`.
+    """
+    parts = []
+    for batch in self.global_batches():
+      logits, labels = sharding.to_host(self._scored(params, batch))
+      parts.append((logits, labels, sharding.to_host(batch["mask"])))
+    return tuple(np.concatenate(p) for p in zip(*parts))
 
   def evaluate(self, params):
     totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}

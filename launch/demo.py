@@ -1,0 +1,87 @@
+r"""stockpot's main job on the embedded default, end to end and offline: `make demo`.
+
+  1. pre-train a pico/4 ViT on 5 Fashion-MNIST classes, export big_vision .npz;
+  2. fine-tune a grid of runs from it on the other 5 classes (the paper's knobs);
+  3. cook uniform, greedy, learned soups, the ensemble and WiSE-FT from the
+     runs' low-EMA weights; evaluate on held-out, test and the offline shift
+     suite; write report.md and plots.
+
+Everything lands under --out (default runs/demo). Each stage skips what is
+already done, so re-running after a kill continues where it stopped.
+
+  python -m launch.demo --out=runs/demo [--size=small --pretrain_steps=300 --finetune_steps=60]
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+_OUT = flags.DEFINE_string("out", "runs/demo", "Where everything is written.")
+_SIZE = flags.DEFINE_enum("size", "full", ("full", "small"), "Grid size (small: 4 runs, for tests).")
+_PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 800, "Upstream pre-training steps.")
+_FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 120, "Steps of each fine-tuning run.")
+_PARALLEL = flags.DEFINE_integer("parallel", 2, "Fine-tuning runs at a time.")
+_DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data dir (default: $TFDS_DATA_DIR).")
+
+
+def _stage(index, text, eta_seconds=None):
+  eta = f" | ETA {int(eta_seconds // 60)}m{int(eta_seconds % 60):02d}s" if eta_seconds else ""
+  print(f"[demo {index}/3] {text}{eta}", flush=True)
+
+
+def _run(*args):
+  """Runs `python -m <args>`, streaming its output; stops the demo if it fails."""
+  proc = subprocess.run([sys.executable, "-m", *args])
+  if proc.returncode:
+    sys.exit(f"[demo] failed: python -m {' '.join(args)} (exit {proc.returncode}); re-run "
+             "`make demo` to continue from here")
+
+
+def _images_per_second(workdir):
+  """Training throughput measured by the pre-training run, for the next stages' ETA."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rates = [json.loads(line).get("img_per_sec") for line in f]
+  rates = [r for r in rates if r]
+  return sum(rates) / len(rates) if rates else None
+
+
+def main(argv):
+  del argv
+  out = _OUT.value
+  data = [f"--config.input.data_dir={_DATA_DIR.value}"] if _DATA_DIR.value else []
+  start = time.monotonic()
+  pretrain_dir = os.path.join(out, "pretrain")
+  _stage(1, f"pre-training pico/4 on the upstream classes ({_PRETRAIN_STEPS.value} steps) -> "
+            f"{pretrain_dir}")
+  _run("train", "--config=configs/fashion_mnist.py:stage=pretrain", f"--workdir={pretrain_dir}",
+       f"--config.total_steps={_PRETRAIN_STEPS.value}", *data)
+  npz = os.path.join(pretrain_dir, "final", "params.npz")
+
+  sweep = (f"configs/sweeps/fashion_mnist.py:init={npz},size={_SIZE.value},"
+           f"steps={_FINETUNE_STEPS.value},data_dir={_DATA_DIR.value}")
+  runs = 4 if _SIZE.value == "small" else 12
+  rate = _images_per_second(pretrain_dir)
+  eta = runs * (_FINETUNE_STEPS.value * 128 / rate + 15) if rate else None  # +15 s: start, eval.
+  _stage(2, f"fine-tuning {runs} runs from {npz} -> {out}/sweep", eta)
+  _run("launch", f"--sweep={sweep}", f"--sweep_dir={os.path.join(out, 'sweep')}",
+       f"--parallel={_PARALLEL.value}")
+
+  soup_dir = os.path.join(out, "soup")
+  # About 60k images per ingredient are evaluated (held-out, test and 5 shifts, greedy
+  # candidates, learned-soup epochs, the soups); a forward pass costs about a third of
+  # a training step.
+  _stage(3, f"cooking soups of the runs' ema_low weights -> {soup_dir}",
+         runs * 60_000 / (3 * rate) if rate else None)
+  _run("soups", f"--sweep_dir={os.path.join(out, 'sweep')}", "--weights=ema_low",
+       f"--soup_dir={soup_dir}", "--shift_suite=fashion_mnist_shifts")
+  minutes = (time.monotonic() - start) / 60
+  print(f"[demo] done in {minutes:.1f} min: report in {os.path.join(soup_dir, 'report.md')}")
+
+
+if __name__ == "__main__":
+  app.run(main)
