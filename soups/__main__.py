@@ -38,13 +38,13 @@ def main(argv):
   run_log.quiet_library_logs()
   if bool(_SWEEP_DIR.value) == bool(_INGREDIENTS.value):
     raise app.UsageError("give exactly one of --sweep_dir and --ingredients")
+  if _INGREDIENTS.value and not _SOUP_DIR.value:
+    raise app.UsageError("--soup_dir is required with --ingredients")
   if _SWEEP_DIR.value:
     ingredients = ingredients_lib.from_sweep(_SWEEP_DIR.value, _WEIGHTS.value)
   else:
     ingredients = ingredients_lib.from_paths(_INGREDIENTS.value, _WEIGHTS.value)
   soup_dir = _SOUP_DIR.value or os.path.join(_SWEEP_DIR.value, "soups", _WEIGHTS.value)
-  if not _SOUP_DIR.value and not _SWEEP_DIR.value:
-    raise app.UsageError("--soup_dir is required with --ingredients")
   options = soup_step.Options(
       recipes=tuple(_RECIPES.value), greedy_early_abort=_EARLY_ABORT.value,
       learned_mode=_LEARNED_MODE.value, learned_epochs=_LEARNED_EPOCHS.value,

@@ -105,16 +105,20 @@ class _Writer:
 
 
 def _save_weights(soup_dir, recipe, params):
-  """`<recipe>/params.npz` and `<recipe>/orbax/`; orbax renames its directory into place when whole."""
+  """`<recipe>/params.npz`, then `<recipe>/orbax/`, whose presence marks both complete.
+
+  orbax renames its directory into place only when whole, so a kill at any
+  point leaves either no orbax directory (and both are rewritten) or both files.
+  """
   orbax_dir = os.path.join(os.path.abspath(soup_dir), recipe, "orbax")
   if os.path.exists(orbax_dir):
     return
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(orbax_dir, params)
-  checkpointer.wait_until_finished()
   host = sharding.to_host(params)
   if jax.process_index() == 0:
     pretrained.save_npz(os.path.join(soup_dir, recipe, "params.npz"), host)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(orbax_dir, params)
+  checkpointer.wait_until_finished()
 
 
 class SoupKitchen:

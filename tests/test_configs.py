@@ -7,6 +7,7 @@ import os
 import pytest
 
 from configs import common
+from launch import sweep as sweep_lib
 from tests.helpers import REPO
 from train import optimizer
 from train import pp_spec
@@ -21,7 +22,7 @@ CONFIG_ARGS = {
 
 def test_every_config_file_is_covered():
   files = {os.path.basename(f)[:-3] for f in glob.glob(os.path.join(REPO, "configs", "*.py"))}
-  assert files - {"__init__", "common"} == set(CONFIG_ARGS)
+  assert files - {"__init__", "common", "grid"} == set(CONFIG_ARGS)  # common, grid: helpers.
 
 
 @pytest.mark.parametrize("name,arg", [(n, a) for n, args in CONFIG_ARGS.items() for a in args])
@@ -44,3 +45,12 @@ def test_config_argument_errors():
     common.parse_arg("runlocal=maybe", runlocal=False)
   parsed = common.parse_arg("variant=B/16,runlocal,steps=10", variant="S/16", runlocal=False, steps=1)
   assert (parsed.variant, parsed.runlocal, parsed.steps) == ("B/16", True, 10)
+
+
+@pytest.mark.parametrize("arg,count", [("init=pretrained.npz", 12),
+                                       ("init=pretrained.npz,size=small,steps=40", 4)])
+def test_sweep_configs_expand_into_valid_runs(arg, count):
+  spec = f"configs/sweeps/fashion_mnist.py:{arg}"
+  runs = sweep_lib.expand(sweep_lib.load(os.path.join(REPO, spec.partition(":")[0]) + ":" + arg),
+                          spec)
+  assert len(runs) == count and len({r.name for r in runs}) == count

@@ -3,8 +3,8 @@ r"""The embedded default's fine-tuning grid: the paper's knobs on Fashion-MNIST.
   python -m launch --sweep=configs/sweeps/fashion_mnist.py:init=runs/demo/pretrain/final/params.npz \
       --sweep_dir=runs/demo/sweep
 
-Arguments: init=<pre-trained .npz> (required), size=full|small (small: 4 runs,
-for tests), steps=<fine-tuning steps per run>, data_dir=<TFDS data dir>.
+Arguments: init=<pre-trained .npz> (required), size=full|small (small: 4 runs
+and smaller evaluation splits, for tests), steps=<fine-tuning steps per run>, data_dir=<TFDS data dir>.
 """
 
 from configs import common
@@ -22,8 +22,10 @@ def get_config(arg=None):
   common_overrides = {"total_steps": arg.steps, "ema.low": 0.95,
                       "final_eval_weights": ("ema_low",),
                       **({"input.data_dir": arg.data_dir} if arg.data_dir else {})}
-  if arg.size == "small":
+  if arg.size == "small":  # For tests: 4 runs, smaller evaluation splits.
     points = grid.product(lr=[0.03, 0.1], label_smoothing=[0.0, 0.1])
+    common_overrides.update({"input.heldout_split": "train[90%:95%]",
+                             "input.test_split": "test[:20%]"})
   else:  # 12 runs over the paper's knobs, mild enough for a few hundred steps on 28x28.
     points = (
         grid.cross(grid.product(lr=[0.03, 0.1]), grid.zipped(
