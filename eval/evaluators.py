@@ -1,23 +1,37 @@
-"""Evaluators of a run's weights: held-out, test, and shift suites, sharded over the mesh.
+"""Evaluators as plug-ins by name, built from a run's resolved config (its config.json).
 
-Built from a run's resolved config (its `config.json`), on top of
-`train.accuracy.SplitAccuracy`, which pads and masks the last partial batch
-so each example counts once. The soup step and `python -m eval` use these.
+`Evaluators(config, model, mesh, params_sharding)` resolves what to score:
+the run's held-out or test split, any TFDS split of its dataset, or the
+datasets of a shift suite. `make(kind, dataset)` builds the evaluator
+registered under `kind` in `KINDS`:
+
+  accuracy  `evaluate(params)`, train.accuracy.SplitAccuracy
+  ensemble  `evaluate(params_seq)`, the mean logits of several weight sets
+
+Both return {'accuracy', 'loss', 'num_examples'} and pad and mask the last
+partial batch, so each example counts once. The soup step and `python -m
+eval` use these.
 """
 
+from eval import datasets
+from eval import ensemble
+from eval import shifts
 from train import accuracy
 from train import data
 from train import losses
 from train import pp_spec
 from train import preprocess
 
-from eval import shifts
-
 SPLIT_SUITES = ("heldout", "test")  # The run's own config.input.{heldout,test}_split.
+KINDS = {"accuracy": accuracy.SplitAccuracy, "ensemble": ensemble.EnsembleAccuracy}
+
+
+def known_suites():
+  return list(SPLIT_SUITES) + sorted(shifts.SUITES)
 
 
 class Evaluators:
-  """Makes `SplitAccuracy` objects for one run config, model, mesh and parameter sharding."""
+  """Builds evaluators for one run config, model, mesh and parameter sharding."""
 
   def __init__(self, config, model, mesh, params_sharding, batch_size=0):
     self.config, self.model, self.mesh = config, model, mesh
@@ -27,30 +41,39 @@ class Evaluators:
     self.pp_eval = pp_spec.resolve(config, "pp_eval")
     self.loss_fn = losses.get(config.loss)
 
-  def _make(self, split, pp, class_subset=None):
-    return accuracy.SplitAccuracy(
-        self.model, self.mesh, split, preprocess.build(pp, shifts.OPS), self.batch_size,
-        self.loss_fn, self.params_sharding, self.config.input.num_threads, class_subset)
+  def make(self, kind, dataset):
+    """The evaluator `kind` (a key of KINDS) on a `datasets.Dataset`."""
+    if kind not in KINDS:
+      raise ValueError(f"unknown evaluator {kind!r}; known: {sorted(KINDS)}")
+    return KINDS[kind](
+        self.model, self.mesh, dataset.split, preprocess.build(dataset.pp, shifts.OPS),
+        self.batch_size, self.loss_fn, self.params_sharding, self.config.input.num_threads,
+        dataset.class_subset)
 
-  def split(self, key):
-    """The run's 'heldout' or 'test' split."""
+  def tfds_split(self, split):
+    """Any TFDS split of the run's dataset (e.g. 'test[:1000]'), its classes and pp_eval."""
+    return datasets.run_split(self.config, self.builder, split, split, self.pp_eval, "split")
+
+  def run_split(self, key, split=""):
+    """The run's 'heldout' or 'test' split (`split`, if given, replaces it)."""
     split_key = f"{key}_split"
-    split = data.open_split(self.builder, self.config.input[split_key],
-                            tuple(self.config.input.classes), f"config.input.{split_key}")
-    return self._make(split, self.pp_eval)
+    what = f"split (for {key})" if split else f"config.input.{split_key}"
+    return datasets.run_split(self.config, self.builder, split or self.config.input[split_key],
+                              key, self.pp_eval, what)
 
-  def suite(self, name):
-    """{dataset name: SplitAccuracy} of a shift suite (or of 'heldout'/'test' alone)."""
+  def suite_datasets(self, name, split=""):
+    """{dataset name: datasets.Dataset} of suite `name`; `split` replaces each dataset's split."""
+    if name not in known_suites():
+      raise ValueError(f"unknown suite {name!r}; known: {known_suites()}")
     if name in SPLIT_SUITES:
-      return {name: self.split(name)}
-    out = {}
-    for entry in shifts.suite(name):
-      split, subset = shifts.open_entry(entry, self.config, self.builder)
-      pp = (shifts.insert_after_decode(self.pp_eval, entry.corruption) if entry.corruption
-            else self.pp_eval)
-      out[entry.name] = self._make(split, pp, subset)
-    return out
+      return {name: self.run_split(name, split)}
+    return shifts.suite_datasets(name, self.config, self.builder, self.pp_eval, split)
 
+  def split(self, key, kind="accuracy"):
+    """The evaluator `kind` on the run's 'heldout' or 'test' split."""
+    return self.make(kind, self.run_split(key))
 
-def known_suites():
-  return list(SPLIT_SUITES) + sorted(shifts.SUITES)
+  def suite(self, name, kind="accuracy", split=""):
+    """{dataset name: evaluator `kind`} of a suite (a shift suite, or 'heldout'/'test' alone)."""
+    return {key: self.make(kind, dataset)
+            for key, dataset in self.suite_datasets(name, split).items()}

@@ -37,22 +37,23 @@ def _pct(value):
 
 
 def _rows(results):
-  rows = [(i["name"], "ingredient", i) for i in results["ingredients"]]
-  rows += [(f"**{name} soup**" if name != "ensemble" else "**ensemble (N× cost)**", name,
+  """(table label, result) of every ingredient, then of every soup."""
+  rows = [(i["name"], i) for i in results["ingredients"]]
+  rows += [(f"**{name} soup**" if name != "ensemble" else "**ensemble (N× cost)**",
             results["soups"][name]) for name in SOUP_ORDER if name in results["soups"]]
   return rows
 
 
 def markdown(results, journal):
   """The report's text."""
-  shift_names = sorted({k for _, _, r in _rows(results) for k in (r.get("shift_acc") or {})})
+  shift_names = sorted({k for _, r in _rows(results) for k in (r.get("shift_acc") or {})})
   header = ["model", "held-out %", "test %"] + [f"{s} %" for s in shift_names]
   header += ["shift avg %"] if shift_names else []
   lines = ["# Soup report", "",
            f"{len(results['ingredients'])} ingredients. Accuracies in %; the held-out split "
            "ranks and selects, test and shifts are measured after.", "",
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for label, _, row in _rows(results):
+  for label, row in _rows(results):
     cells = [label, _pct(row["heldout_acc"]), _pct(row["test_acc"])]
     cells += [_pct((row.get("shift_acc") or {}).get(s)) for s in shift_names]
     cells += [_pct(shift_average(row))] if shift_names else []
@@ -65,7 +66,8 @@ def markdown(results, journal):
                  f"({', '.join(greedy['ingredients'])}); test "
                  f"{100 * (greedy['test_acc'] - best['test_acc']):+.2f} points vs the best run.")
   if journal:
-    lines += ["", "## Greedy search", "", "| # | candidate | its held-out % | soup with it % | decision |",
+    lines += ["", "## Greedy search", "",
+              "| # | candidate | its held-out % | soup with it % | decision |",
               "|---|---|---|---|---|"]
     for i, e in enumerate(journal, 1):
       soup = (_pct(e["soup_heldout_acc"]) if e.get("soup_heldout_acc") is not None
@@ -100,7 +102,8 @@ def _scatter(results, y_of, ylabel, title, path):
     if soup is not None and y_of(soup) is not None:
       marker, color = SOUP_STYLE[name]
       ax.scatter(100 * soup["test_acc"], 100 * y_of(soup), marker=marker, s=140, c=color,
-                 edgecolors="black", label=f"{name} soup" if name != "ensemble" else "ensemble")
+                 edgecolors="black", label=f"{name} soup" if name != "ensemble" else "ensemble",
+                 zorder=4 if name == "greedy" else 3)  # The greedy soup stays visible on top.
   ax.set_xlabel("test accuracy (%)")
   ax.set_ylabel(ylabel)
   ax.set_title(title)
@@ -115,22 +118,26 @@ def _scatter(results, y_of, ylabel, title, path):
 
 
 def _greedy_plot(journal, path):
+  """Each candidate's own held-out accuracy, the soup tried with it, and the kept soup."""
   fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
   steps = range(1, len(journal) + 1)
-  own = [100 * e["heldout_acc"] for e in journal]
-  ax.plot(steps, own, "o", c="tab:gray", label="candidate alone")
-  best, soup_curve = None, []
-  for e in journal:
-    if e["decision"] == "add":
-      best = e["soup_heldout_acc"]
-    soup_curve.append(100 * best)
+  ax.plot(steps, [100 * e["heldout_acc"] for e in journal], "o", c="tab:gray",
+          label="candidate alone")
+  skipped = [(s, 100 * e["soup_heldout_acc"]) for s, e in zip(steps, journal)
+             if e["decision"] == "skip" and e.get("soup_heldout_acc") is not None]
+  if skipped:
+    ax.plot(*zip(*skipped), "x", ms=8, c="tab:orange", label="soup with candidate (skipped)")
+  kept, soup_curve = None, []
+  for e in journal:  # The first candidate is always added: it is the soup's start.
+    kept = e["soup_heldout_acc"] if e["decision"] == "add" else kept
+    soup_curve.append(100 * kept)
   ax.step(steps, soup_curve, where="post", c="tab:red", label="greedy soup")
   added = [(s, c) for s, c, e in zip(steps, soup_curve, journal) if e["decision"] == "add"]
   ax.plot(*zip(*added), "*", ms=12, c="tab:red", label="ingredient added")
   ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   ax.set_xlabel("candidates tried (sorted by held-out accuracy)")
   ax.set_ylabel("held-out accuracy (%)")
-  ax.set_title("Greedy soup: held-out accuracy as ingredients are added")
+  ax.set_title("Greedy soup: held-out accuracy as ingredients are tried")
   ax.grid(alpha=0.3)
   ax.legend(loc="best", fontsize=8)
   fig.tight_layout()
@@ -138,17 +145,34 @@ def _greedy_plot(journal, path):
 
 
 def read_journal(soup_dir):
+  """The greedy journal's entries; a torn last line (an interrupted soup step) is dropped."""
   path = os.path.join(soup_dir, "greedy_journal.jsonl")
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f.read().splitlines() if line.strip()]
+  entries = []
+  for number, line in enumerate(lines, 1):
+    try:
+      entries.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if number < len(lines):
+        raise ValueError(f"{path}: line {number} is not JSON: {e}") from e
+  return entries
+
+
+def read_results(soup_dir):
+  """The soup directory's results.json, or an error saying how to make it."""
+  path = os.path.join(soup_dir, "results.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist; cook the soups first (python -m soups)")
+  with open(path) as f:
+    return json.load(f)
 
 
 def write_report(soup_dir):
   """Writes report.md and the plots into `soup_dir`; returns the report's path."""
-  with open(os.path.join(soup_dir, "results.json")) as f:
-    results = json.load(f)
+  results = read_results(soup_dir)
   journal = read_journal(soup_dir)
   _scatter(results, lambda r: r["heldout_acc"], "held-out accuracy (%)",
            "Held-out vs test accuracy", os.path.join(soup_dir, PLOTS[0]))

@@ -2,9 +2,9 @@
 
 A suite entry is a TFDS dataset and split, optionally with a corruption op
 inserted into the run's `pp_eval` after decoding. Labels are matched to the
-model's classes by name (TFDS ClassLabel names; ImageNet's are WordNet ids),
-so ImageNet-R and ImageNet-A, which use 200 of the 1000 classes, are scored
-over those 200 logits only, as in the model-soups paper.
+model's classes by name (see datasets.py), and ImageNet-R and ImageNet-A,
+which cover 200 of the 1000 classes, are scored over those 200 logits only,
+as in the model-soups paper.
 
 `fashion_mnist_shifts` needs no download: fixed, deterministic corruptions of
 the Fashion-MNIST test split (noise draws come from the stateless per-example
@@ -18,6 +18,7 @@ import re
 import numpy as np
 import tensorflow as tf
 
+from eval import datasets
 from train import data
 from train import preprocess
 
@@ -102,11 +103,14 @@ class ShiftDataset:
     dataset: TFDS name; '' means the run's own `config.input.dataset`.
     split: TFDS split; '' means the run's `config.input.test_split`.
     corruption: a pp op (e.g. 'gaussian_noise(40)') inserted after decoding.
+    covered_only: score only the model outputs of the classes this dataset
+      covers (ImageNet-R and -A: 200 of the 1000).
   """
   name: str
   dataset: str = ""
   split: str = ""
   corruption: str = ""
+  covered_only: bool = False
 
 
 SUITES = {
@@ -117,16 +121,18 @@ SUITES = {
         ShiftDataset("rotate", corruption="rotate(25)"),
         ShiftDataset("invert", corruption="invert"),
     ),
+    # TFDS names and splits (each has a 'test' split only); labels use ImageNet's 1000 names.
     "imagenet_shifts": (
-        ShiftDataset("imagenet_v2", "imagenet_v2", "test"),
-        ShiftDataset("imagenet_r", "imagenet_r", "test"),
+        ShiftDataset("imagenet_v2", "imagenet_v2/matched-frequency", "test"),
+        ShiftDataset("imagenet_r", "imagenet_r", "test", covered_only=True),
         ShiftDataset("imagenet_sketch", "imagenet_sketch", "test"),
-        ShiftDataset("imagenet_a", "imagenet_a", "test"),
+        ShiftDataset("imagenet_a", "imagenet_a", "test", covered_only=True),
     ),
 }
 
 
 def suite(name):
+  """The entries of shift suite `name`."""
   if name not in SUITES:
     raise ValueError(f"unknown shift suite {name!r}; known: {sorted(SUITES)}")
   return SUITES[name]
@@ -141,33 +147,18 @@ def insert_after_decode(pp, op):
   return "|".join(steps[:decoded[0] + 1] + [op] + steps[decoded[0] + 1:])
 
 
-def label_mapping(builder, reference_names):
-  """Label of `builder` -> index among `reference_names`, matched by class name.
-
-  Returns (label_map, class_subset): class_subset lists the model outputs
-  that compete (None when the dataset has all of them).
-  """
-  names = builder.info.features["label"].names
-  if list(names) == list(reference_names):
-    return np.arange(len(names), dtype=np.int64), None
-  index = {n: i for i, n in enumerate(reference_names)}
-  missing = [n for n in names if n not in index]
-  if missing:
-    raise ValueError(f"{builder.name}: classes {missing[:5]} are not classes of the model's "
-                     "training data: cannot score it")
-  label_map = np.array([index[n] for n in names], np.int64)
-  return label_map, np.sort(label_map)
-
-
-def open_entry(entry, config, reference_builder):
-  """(split, pp string, class_subset) of one suite entry, for a run's config."""
-  if entry.dataset and entry.dataset != config.input.dataset:
-    builder = data.dataset_builder(entry.dataset, config.input.data_dir)
-    split = data.open_split(builder, entry.split or "test", what=f"shift dataset {entry.name}")
-    label_map, subset = label_mapping(builder, reference_builder.info.features["label"].names)
-    split = dataclasses.replace(split, label_map=label_map)
-  else:
-    split = data.open_split(reference_builder, entry.split or config.input.test_split,
-                            tuple(config.input.classes), f"shift dataset {entry.name}")
-    subset = None
-  return split, subset
+def suite_datasets(name, config, run_builder, pp_eval, split=""):
+  """{entry name: datasets.Dataset} of suite `name` for a run; `split` replaces each entry's."""
+  out = {}
+  for entry in suite(name):
+    pp = insert_after_decode(pp_eval, entry.corruption) if entry.corruption else pp_eval
+    if entry.dataset and entry.dataset != config.input.dataset:
+      builder = data.dataset_builder(entry.dataset, config.input.data_dir)
+      out[entry.name] = datasets.foreign_split(
+          config, run_builder, builder, split or entry.split, entry.name, pp,
+          entry.covered_only, full_split=entry.split)
+    else:
+      out[entry.name] = datasets.run_split(
+          config, run_builder, split or entry.split or config.input.test_split, entry.name, pp,
+          f"shift dataset {entry.name}")
+  return out

@@ -14,7 +14,8 @@ from train import data
 from train import sharding
 
 
-def _batch_sums(logits, labels, mask, loss_fn):
+def masked_sums(logits, labels, mask, loss_fn):
+  """Sums of correct predictions, loss and examples over the unmasked rows of a batch."""
   top1 = jnp.argmax(logits, axis=-1)
   correct = jnp.take_along_axis(labels, top1[:, None], axis=-1)[:, 0] > 0
   return {"correct": jnp.sum(correct * mask), "loss": jnp.sum(loss_fn(logits, labels) * mask),
@@ -48,7 +49,7 @@ class SplitAccuracy:
 
     def batch_sums(params, batch):
       logits, labels = scored(params, batch)
-      return _batch_sums(logits, labels, batch["mask"], loss_fn)
+      return masked_sums(logits, labels, batch["mask"], loss_fn)
 
     self._batch_sums = jax.jit(
         batch_sums, in_shardings=(params_sharding, self.batch_sharding),
