@@ -145,8 +145,12 @@ def _greedy_plot(journal, path):
 
 
 def read_journal(soup_dir):
-  """The greedy journal's entries; a torn last line (an interrupted soup step) is dropped."""
-  path = os.path.join(soup_dir, "greedy_journal.jsonl")
+  """The greedy journal's entries of a soup directory (see `read_journal_file`)."""
+  return read_journal_file(os.path.join(soup_dir, "greedy_journal.jsonl"))
+
+
+def read_journal_file(path):
+  """A greedy journal's entries; a torn last line (an interrupted soup step) is dropped."""
   if not os.path.exists(path):
     return []
   with open(path) as f:

@@ -16,9 +16,8 @@ from train import trees
 
 
 def _orbax_abstract(path, mesh, rules):
-  meta = ocp.StandardCheckpointer().metadata(path)
-  tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
-  shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
+  shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
+                        checkpoint.item_metadata(path))
   return checkpoint.abstract_tree(shapes, sharding.tree_shardings(mesh, shapes, rules))
 
 

@@ -17,6 +17,7 @@ same decision.
 import json
 import os
 
+from eval import report
 from train import files
 
 JOURNAL = "greedy_journal.jsonl"
@@ -27,22 +28,14 @@ class Journal:
 
   def __init__(self, path, order, write):
     self.path, self.write = path, write
-    self.entries = []
-    if os.path.exists(path):
-      with open(path) as f:
-        lines = f.read().split("\n")
-      for line in lines:
-        try:
-          self.entries.append(json.loads(line))
-        except json.JSONDecodeError:
-          break  # Only the last line can be torn; what follows it is not trusted.
-      tried = [e["name"] for e in self.entries]
-      if tried != order[:len(tried)]:
-        raise ValueError(
-            f"{path} tried {tried}, which is not the start of this soup's candidate order "
-            f"{order}: it belongs to another set of ingredients; use a new --soup_dir")
-      if self.write:  # Rewrite without the torn tail, atomically.
-        files.write_bytes_atomic(path, "".join(json.dumps(e) + "\n" for e in self.entries).encode())
+    self.entries = report.read_journal_file(path)
+    tried = [e["name"] for e in self.entries]
+    if tried != order[:len(tried)]:
+      raise ValueError(
+          f"{path} tried {tried}, which is not the start of this soup's candidate order "
+          f"{order}: it belongs to another set of ingredients; use a new --soup_dir")
+    if self.write and os.path.exists(path):  # Rewrite without a torn tail, atomically.
+      files.write_bytes_atomic(path, "".join(json.dumps(e) + "\n" for e in self.entries).encode())
 
   def append(self, entry):
     self.entries.append(entry)

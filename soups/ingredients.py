@@ -13,10 +13,10 @@ import os
 import zipfile
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from eval import run_config
 from train import checkpoint
 from train import trees
 
@@ -44,8 +44,7 @@ class Ingredient:
     """The producing run's resolved config, or None when the run is unknown."""
     if not self.run_dir:
       return None
-    with open(os.path.join(self.run_dir, "config.json")) as f:
-      return ml_collections.ConfigDict(json.load(f))
+    return run_config.load(os.path.join(self.run_dir, "config.json"))
 
 
 def _run_ingredient(run_dir, weights, name=None):
@@ -127,8 +126,7 @@ def metadata(ingredient):
   if ingredient.is_npz:
     return _npz_metadata(ingredient.path)
   try:
-    meta = ocp.StandardCheckpointer().metadata(ingredient.path)
-    tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+    tree = checkpoint.item_metadata(ingredient.path)
   except Exception as e:  # orbax raises many types for unreadable checkpoints.
     raise ValueError(f"ingredient {ingredient.name}: cannot read the orbax checkpoint "
                      f"{ingredient.path}: {e}") from e

@@ -36,6 +36,12 @@ def save(manager, step, state, force=False):
       **{k: ocp.args.StandardSave(v) for k, v in state.items()}), force=force)
 
 
+def item_metadata(path):
+  """Tree of an orbax item's array metadata (`.shape`, `.dtype`), read without the arrays."""
+  meta = ocp.StandardCheckpointer().metadata(path)
+  return getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+
+
 def abstract_tree(tree, shardings):
   """ShapeDtypeStructs carrying `shardings`: orbax restores each array straight into place."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
