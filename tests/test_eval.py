@@ -1,5 +1,6 @@
 """Evaluators, ensembles, shift suites (offline; ImageNet-family stand-ins), weights, the CLI."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -95,6 +96,22 @@ def test_accuracy_counts_each_example_once_for_any_batch_size(data_dir, tmp_path
   # Any TFDS split of the run's dataset: a slice of the same split scores its own examples.
   sliced = evaluators.make("accuracy", evaluators.tfds_split("test[:100]")).evaluate(params)
   assert sliced["num_examples"] == len(evaluators.tfds_split("test[:100]").split) < 100
+
+
+def test_a_small_split_is_read_once_then_served_from_memory(data_dir, tmp_path):
+  config = _run_config(tmp_path, **{"input.data_dir": data_dir, "input.test_split": "test[:300]"})
+  _, evaluators, (params, other) = _setup(config, batch_size=64, seeds=(0, 1))
+  unreadable = lambda e: dataclasses.replace(e.split, source=None)  # pylint: disable=g-long-lambda
+  cached, uncached = evaluators.split("test"), evaluators.split("test")
+  uncached.cache_bytes = 0
+  next(cached.batch_sums(params))  # A pass cut short (greedy's early abort) caches nothing.
+  first = cached.evaluate(params)
+  assert first == uncached.evaluate(params)
+  cached.split, uncached.split = unreadable(cached), unreadable(uncached)
+  assert cached.evaluate(params) == first
+  assert cached.evaluate(other)["accuracy"] != first["accuracy"]
+  with pytest.raises(Exception, match="'NoneType' object has no attribute '__getitems__'"):
+    uncached.evaluate(params)  # Reads the split again, through tf.data, which wraps the error.
 
 
 def test_ensemble_of_one_is_its_accuracy_and_of_two_the_mean_of_logits(data_dir, tmp_path):
