@@ -53,6 +53,9 @@ def base_config():
   c.model.pool_type = "gap"
   c.model.dropout = 0.0
   c.model.dtype = "float32"  # Compute dtype; parameters stay float32.
+  # SSF tuning (train/ssf.py): the backbone is frozen, learned per-channel scales and
+  # shifts after every op and the head train; exports fold them into the weights.
+  c.model.ssf = False
 
   c.model_init = ""  # big_vision-style .npz to start from; empty: random init.
   c.model_load = ml_collections.ConfigDict()

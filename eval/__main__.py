@@ -31,6 +31,7 @@ from eval import weights as weights_lib
 from train import files
 from train import run_log
 from train import sharding
+from train import ssf
 from train import vit
 
 _WEIGHTS = flags.DEFINE_list("weights", None, "An .npz file or an orbax checkpoint directory; "
@@ -60,9 +61,10 @@ def evaluate(weights, suite, config, batch_size=0, split=""):
   """
   paths = [weights] if isinstance(weights, str) else list(weights)
   mesh = sharding.make_mesh(config.mesh)
-  model = vit.build_model(config.model, config.num_classes)
   rules = config.param_sharding
   first = weights_lib.load(paths[0], mesh, rules)
+  # An SSF run's checkpoints hold the SSF vectors, its exported .npz the merged plain ViT.
+  model = vit.build_model(ssf.model_config_for(config.model, first), config.num_classes)
   evaluators = eval_lib.Evaluators(config, model, mesh,
                                    jax.tree.map(lambda a: a.sharding, first), batch_size)
   kind = "accuracy" if len(paths) == 1 else "ensemble"

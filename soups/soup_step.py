@@ -36,6 +36,7 @@ from train import files
 from train import losses
 from train import pretrained
 from train import sharding
+from train import ssf
 from train import vit
 
 RECIPES = ("uniform", "greedy", "learned", "ensemble", "wise_ft")
@@ -105,7 +106,7 @@ class _Writer:
 
 
 def _save_weights(soup_dir, recipe, params):
-  """`<recipe>/params.npz`, then `<recipe>/orbax/`, whose presence marks both complete.
+  """`<recipe>/params.npz` (SSF folded in), then `<recipe>/orbax/`, whose presence marks both complete.
 
   orbax renames its directory into place only when whole, so a kill at any
   point leaves either no orbax directory (and both are rewritten) or both files.
@@ -115,7 +116,7 @@ def _save_weights(soup_dir, recipe, params):
     return
   host = sharding.to_host(params)
   if jax.process_index() == 0:
-    pretrained.save_npz(os.path.join(soup_dir, recipe, "params.npz"), host)
+    pretrained.save_npz(os.path.join(soup_dir, recipe, "params.npz"), ssf.merge(host))
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(orbax_dir, params)
   checkpointer.wait_until_finished()
@@ -132,7 +133,10 @@ class SoupKitchen:
     self.mesh = sharding.make_mesh((("data", -1),))
     self.abstract = ingredients_lib.abstract_params(
         self.shared_metadata, lambda tree: sharding.tree_shardings(self.mesh, tree, SOUP_SHARDING))
-    self.model = vit.build_model(config.model, config.num_classes)
+    # SSF runs: their checkpoints hold the SSF vectors (soups of those are exported
+    # merged), their final/*.npz the merged plain ViT (soups of merged weights).
+    self.model = vit.build_model(ssf.model_config_for(config.model, self.shared_metadata),
+                                 config.num_classes)
     self.loss_fn = losses.get(config.loss)
     evaluators = eval_lib.Evaluators(config, self.model, self.mesh,
                                      jax.tree.map(lambda a: a.sharding, self.abstract),

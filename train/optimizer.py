@@ -8,6 +8,8 @@ global norm. Weight decay applies to the leaves matching
 'adam' (PyTorch's convention), decoupled and schedule-scaled for 'adamw'.
 `config.optimizer.sam_rho > 0` wraps the whole optimizer in SAM
 (`optax.contrib.sam` in opaque mode: `update` needs `grad_fn=`).
+`config.model.ssf` freezes everything but the SSF vectors and the head: the
+frozen leaves get zero updates and no optimizer state.
 """
 
 import re
@@ -15,6 +17,7 @@ import re
 import jax
 import optax
 
+from train import ssf
 from train import trees
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -61,18 +64,34 @@ def make_optimizer(config):
   else:
     parts = clip + [optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps)] + decay
   tx = optax.chain(*parts, optax.scale_by_learning_rate(schedule))
+  trainable = ssf.trainable_mask if config.model.ssf else None
   if opt.sam_rho < 0:
     raise ValueError(f"config.optimizer.sam_rho={opt.sam_rho} must be >= 0 (0: off)")
   if opt.sam_rho:
-    tx = with_sam(tx, opt.sam_rho)
-  return tx, schedule
+    return with_sam(tx, opt.sam_rho, trainable), schedule
+  return only_trainable(tx, trainable), schedule
 
 
-def with_sam(tx, rho):
+def only_trainable(tx, trainable):
+  """`tx` on the leaves where `trainable(params)` is True; the others never move.
+
+  optax.multi_transform hands `tx` the trainable leaves alone, so gradient
+  clipping and optimizer state see only them. `trainable=None`: `tx` as is.
+  """
+  if trainable is None:
+    return tx
+  labels = lambda params: jax.tree.map(  # pylint: disable=g-long-lambda
+      lambda keep: "trainable" if keep else "frozen", trainable(params))
+  return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def with_sam(tx, rho, trainable=None):
   """SAM around `tx`: the gradient is taken at w + rho * g / |g|, then `tx` steps from w.
 
   Opaque mode runs the ascent step inside `update` (one call per training
   step, through `grad_fn(params, i)`), so EMAs and step counts stay per step.
+  With `trainable` (see `only_trainable`), both steps move only those leaves.
   """
   ascent = optax.chain(optax.contrib.normalize(), optax.sgd(rho))
-  return optax.contrib.sam(tx, ascent, sync_period=2, opaque_mode=True)
+  return optax.contrib.sam(only_trainable(tx, trainable), only_trainable(ascent, trainable),
+                           sync_period=2, opaque_mode=True)

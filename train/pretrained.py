@@ -17,6 +17,7 @@ import numpy as np
 import scipy.ndimage
 
 from train import files
+from train import ssf
 from train import trees
 
 HEAD_KEYS = ("head/kernel", "head/bias")
@@ -117,6 +118,9 @@ def load_pretrained(init_params, path, dont_load=(), ignore=()):
   model_flat = trees.flatten(init_params)
   restored = _split_class_token_posemb(_rename_legacy_keys(load_npz(path)))
   extra = sorted(k for k in restored if k not in model_flat and not _matches(k, ignore))
+  # SSF vectors start at the identity unless the checkpoint has them (train/ssf.py).
+  dont_load = tuple(re.escape(k) for k in model_flat
+                    if ssf.is_ssf_param(k) and k not in restored) + tuple(dont_load)
   missing = sorted(k for k in model_flat
                    if k not in restored and not _matches(k, dont_load))
   if extra:

@@ -4,7 +4,7 @@
   config.json        the resolved config
   checkpoints/<step> orbax: params, ema_low, ema_high, opt_state
   metrics.jsonl      training metrics (and tensorboard/)
-  final/<name>.npz   every weight set in big_vision's layout
+  final/<name>.npz   every weight set in big_vision's layout (SSF folded in)
   results.json       held-out and test accuracy of every weight set
 
 Re-running the same command resumes from the last checkpoint and ends with
@@ -35,6 +35,7 @@ from train import preprocess
 from train import pretrained
 from train import run_log
 from train import sharding
+from train import ssf
 from train import vit
 
 RESULTS_FILE = "results.json"
@@ -182,6 +183,10 @@ def train_and_evaluate(config, workdir):
   image_shape = first_batch["image"].shape[1:]
 
   abstract_state = _abstract_state(model, tx, image_shape)
+  if config.model.ssf:
+    trainable, total = ssf.count_trainable(abstract_state["params"])
+    if jax.process_index() == 0:
+      print(f"[train] SSF tuning: {trainable:,} trainable parameters of {total:,}", flush=True)
   state_shardings = sharding.tree_shardings(mesh, abstract_state, config.param_sharding)
   if start_step:
     logging.info("Resuming from step %d", start_step)
@@ -235,12 +240,17 @@ def train_and_evaluate(config, workdir):
 
 
 def _finish(config, workdir, state, evaluators, writer):
-  """Exports every weight set as .npz and writes held-out/test accuracy to results.json."""
+  """Exports every weight set as .npz and writes held-out/test accuracy to results.json.
+
+  SSF runs export merged weights: a plain ViT with the SSF vectors folded in.
+  """
   results = {"step": config.total_steps, "heldout": {}, "test": {}}
   for name in config.final_eval_weights:
     results["heldout"][name] = evaluators["heldout_split"].evaluate(state[name])
     results["test"][name] = evaluators["test_split"].evaluate(state[name])
   weights = sharding.to_host({name: state[name] for name in checkpoint.WEIGHT_NAMES})
+  if config.model.ssf:
+    weights = {name: ssf.merge(params) for name, params in weights.items()}
   if jax.process_index() == 0:
     for name, params in weights.items():
       pretrained.save_npz(os.path.join(workdir, "final", f"{name}.npz"), params)

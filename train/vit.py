@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from train import ssf as ssf_lib
+
 # Reference: Table 2 of arXiv 2106.04560 (as in big_vision), plus tiny
 # variants of our own for CPU tests and demos.
 _WIDTH = {"mu": 32, "pico": 64, "nano": 128,
@@ -42,6 +44,11 @@ def decode_variant(variant):
               num_heads=_NUM_HEADS[size], patch_size=(patch, patch))
 
 
+def _layer_norm(name, x, dtype, ssf):
+  """A LayerNorm named `name` (SSF-scaled and shifted when `ssf`), called from a compact method."""
+  return ssf_lib.after(name, nn.LayerNorm(dtype=dtype, name=name)(x), ssf)
+
+
 class MultiHeadDotProductAttention(nn.Module):
   """Self-attention with flax's `MultiHeadDotProductAttention` parameter names.
 
@@ -51,6 +58,7 @@ class MultiHeadDotProductAttention(nn.Module):
   """
   num_heads: int
   dtype: jnp.dtype = jnp.float32
+  ssf: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -58,14 +66,13 @@ class MultiHeadDotProductAttention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
     head_dim = width // self.num_heads
-    dense = lambda name: nn.DenseGeneral(  # pylint: disable=g-long-lambda
+    project = lambda name: ssf_lib.after(name, nn.DenseGeneral(  # pylint: disable=g-long-lambda
         (self.num_heads, head_dim), dtype=self.dtype,
-        kernel_init=nn.initializers.xavier_uniform(), name=name)
-    q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)
-    y = jax.nn.dot_product_attention(q, k, v)
-    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
-                           kernel_init=nn.initializers.xavier_uniform(),
-                           name="out")(y)
+        kernel_init=nn.initializers.xavier_uniform(), name=name)(x), self.ssf, channel_dims=2)
+    y = jax.nn.dot_product_attention(project("query"), project("key"), project("value"))
+    y = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
+                        kernel_init=nn.initializers.xavier_uniform(), name="out")(y)
+    return ssf_lib.after("out", y, self.ssf)
 
 
 class MlpBlock(nn.Module):
@@ -73,14 +80,15 @@ class MlpBlock(nn.Module):
   mlp_dim: int
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  ssf: bool = False
 
   @nn.compact
   def __call__(self, x, train):
     inits = dict(kernel_init=nn.initializers.xavier_uniform(),
                  bias_init=nn.initializers.normal(stddev=1e-6), dtype=self.dtype)
-    y = nn.gelu(nn.Dense(self.mlp_dim, name="Dense_0", **inits)(x))
-    y = nn.Dropout(rate=self.dropout)(y, deterministic=not train)
-    return nn.Dense(x.shape[-1], name="Dense_1", **inits)(y)
+    y = ssf_lib.after("Dense_0", nn.Dense(self.mlp_dim, name="Dense_0", **inits)(x), self.ssf)
+    y = nn.Dropout(rate=self.dropout)(nn.gelu(y), deterministic=not train)
+    return ssf_lib.after("Dense_1", nn.Dense(x.shape[-1], name="Dense_1", **inits)(y), self.ssf)
 
 
 class Encoder1DBlock(nn.Module):
@@ -89,15 +97,16 @@ class Encoder1DBlock(nn.Module):
   num_heads: int
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  ssf: bool = False
 
   @nn.compact
   def __call__(self, x, train):
-    y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(x)
-    y = MultiHeadDotProductAttention(self.num_heads, self.dtype,
+    y = _layer_norm("LayerNorm_0", x, self.dtype, self.ssf)
+    y = MultiHeadDotProductAttention(self.num_heads, self.dtype, self.ssf,
                                      name="MultiHeadDotProductAttention_0")(y)
     x = x + nn.Dropout(rate=self.dropout)(y, deterministic=not train)
-    y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_1")(x)
-    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="MlpBlock_0")(y, train)
+    y = _layer_norm("LayerNorm_1", x, self.dtype, self.ssf)
+    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.ssf, name="MlpBlock_0")(y, train)
     return x + nn.Dropout(rate=self.dropout)(y, deterministic=not train)
 
 
@@ -108,13 +117,14 @@ class Encoder(nn.Module):
   num_heads: int
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  ssf: bool = False
 
   @nn.compact
   def __call__(self, x, train):
     for i in range(self.depth):
-      x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout, self.dtype,
+      x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout, self.dtype, self.ssf,
                          name=f"encoderblock_{i}")(x, train)
-    return nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x)
+    return _layer_norm("encoder_norm", x, self.dtype, self.ssf)
 
 
 class VisionTransformer(nn.Module):
@@ -128,6 +138,7 @@ class VisionTransformer(nn.Module):
   pool_type: str = "gap"
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  ssf: bool = False  # SSF vectors after every op (train/ssf.py).
 
   @nn.compact
   def __call__(self, images, train=False):
@@ -135,6 +146,7 @@ class VisionTransformer(nn.Module):
       raise ValueError(f"Unknown pool_type {self.pool_type!r}; known: {POOL_TYPES}")
     x = nn.Conv(self.width, self.patch_size, strides=self.patch_size,
                 padding="VALID", dtype=self.dtype, name="embedding")(images)
+    x = ssf_lib.after("embedding", x, self.ssf)
     n, h, w, c = x.shape
     x = x.reshape(n, h * w, c)
     posemb = self.param("pos_embedding",
@@ -144,7 +156,7 @@ class VisionTransformer(nn.Module):
       cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (n, 1, 1)), x], axis=1)
     x = nn.Dropout(rate=self.dropout)(x, deterministic=not train)
-    x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout, self.dtype,
+    x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout, self.dtype, self.ssf,
                 name="Transformer")(x, train)
     x = x[:, 0] if self.pool_type == "tok" else x.mean(axis=1)
     logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
@@ -153,8 +165,8 @@ class VisionTransformer(nn.Module):
 
 
 def build_model(model_config, num_classes):
-  """Builds the ViT that `model_config` (variant, pool_type, dropout, dtype) names."""
+  """Builds the ViT that `model_config` (variant, pool_type, dropout, dtype, ssf) names."""
   return VisionTransformer(
       num_classes=num_classes, pool_type=model_config.pool_type,
-      dropout=model_config.dropout, dtype=jnp.dtype(model_config.dtype),
+      dropout=model_config.dropout, dtype=jnp.dtype(model_config.dtype), ssf=model_config.ssf,
       **decode_variant(model_config.variant))
