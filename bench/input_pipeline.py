@@ -8,7 +8,6 @@ keeps the accelerator fed (>= 1: it does). Prints a table, writes JSON.
   python -m bench.input_pipeline --data_dir=$TFDS_DATA_DIR --out=bench/results/input_pipeline.json
 """
 
-import json
 import time
 
 from absl import app

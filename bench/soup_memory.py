@@ -68,8 +68,8 @@ def _worker(kind, paths):
       with np.load(path) as npz:
         weights = {k: npz[k] for k in npz.files}  # The whole checkpoint on the host.
       total = weights if total is None else {k: total[k] + weights[k] for k in total}
-    mean = {k: v / len(paths) for k, v in total.items()}
-    del mean
+    for value in total.values():
+      value /= len(paths)  # The mean, in place, as the paper's loop computes it.
   else:
     import jax  # pylint: disable=g-import-not-at-top
     from soups import averaging  # pylint: disable=g-import-not-at-top

@@ -1,7 +1,6 @@
 """`make demo`'s pipeline, scaled down: pre-train, sweep, soups and report, end to end."""
 
 import json
-import os
 
 import pytest
 
