@@ -168,7 +168,11 @@ def abstract_params(shared_metadata, shardings_fn):
 def restore(ingredient, abstract):
   """Reads one ingredient straight into the shardings of `abstract` (each host its shards)."""
   if not ingredient.is_npz:
-    return ocp.StandardCheckpointer().restore(ingredient.path, abstract)
+    try:
+      return ocp.StandardCheckpointer().restore(ingredient.path, abstract)
+    except Exception as e:  # orbax and tensorstore raise many types for unreadable files.
+      raise ValueError(f"ingredient {ingredient.name}: cannot restore {ingredient.path}: "
+                       f"{checkpoint.describe(e)}") from e
   with np.load(ingredient.path, allow_pickle=False) as npz:
     def read(key_path, leaf):
       array = npz[trees.path_str(key_path)]  # One leaf on the host at a time.

@@ -29,3 +29,41 @@ def pretrained_npz(tmp_path_factory, data_dir):
              "--config.total_steps=300", "--config.log_every_steps=100",
              "--config.final_eval_weights=('params',)")
   return os.path.join(workdir, "final", "params.npz")
+
+
+class Reliability:
+  """Faults injected and survived, and bad inputs tried, as the fault tests report them."""
+
+  def __init__(self):
+    self.faults = {}  # kind -> [injected, survived]
+    self.bad_inputs = []  # (kind, error message excerpt)
+
+  def record(self, kind, injected, survived):
+    totals = self.faults.setdefault(kind, [0, 0])
+    totals[0] += injected
+    totals[1] += survived
+
+  def bad_input(self, kind, message):
+    self.bad_inputs.append((kind, message))
+
+
+_RELIABILITY = Reliability()
+
+
+@pytest.fixture
+def reliability():
+  return _RELIABILITY
+
+
+def pytest_terminal_summary(terminalreporter):
+  """The reliability section of README.md is this summary, copied from a `make test` run."""
+  if not (_RELIABILITY.faults or _RELIABILITY.bad_inputs):
+    return
+  write = terminalreporter.write_line
+  terminalreporter.section("reliability")
+  for kind, (injected, survived) in _RELIABILITY.faults.items():
+    write(f"{kind}: {injected} injected, {survived} survived")
+  injected = sum(v[0] for v in _RELIABILITY.faults.values())
+  survived = sum(v[1] for v in _RELIABILITY.faults.values())
+  write(f"faults: {injected} injected, {survived} survived; bad inputs: "
+        f"{len(_RELIABILITY.bad_inputs)} tried, each a clear error")

@@ -16,7 +16,9 @@ from absl import flags
 from ml_collections import config_flags
 import tensorflow as tf
 
+from train import checkpoint
 from train import distributed
+from train import preemption
 from train import run_log
 from train import trainer
 
@@ -47,7 +49,13 @@ def main(argv):
   tf.config.set_visible_devices([], "GPU")  # Keep accelerators for JAX.
   run_log.quiet_library_logs()
   distributed.initialize()
-  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except preemption.Preempted as e:
+    print(f"[train] {e}", file=sys.stderr, flush=True)
+    sys.exit(preemption.EXIT_CODE)
+  except checkpoint.WriteError as e:
+    sys.exit(f"FATAL {e}")
 
 
 if __name__ == "__main__":

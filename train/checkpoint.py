@@ -30,16 +30,55 @@ def make_manager(workdir, every_steps=1, keep=None, read_only=False):
                                item_names=STATE_ITEMS)
 
 
+class WriteError(OSError):
+  """A checkpoint could not be written (a full disk, a lost mount); earlier ones are intact."""
+
+
+def describe(error):
+  """The first line of an orbax/tensorstore error, which names the file (they run to pages)."""
+  return (str(error).splitlines() or [repr(error)])[0][:400]
+
+
+def _complete_steps(manager):
+  return sorted(int(p.name) for p in epath.Path(manager.directory).iterdir() if p.name.isdigit())
+
+
+def _write_error(manager, error):
+  steps = _complete_steps(manager)
+  return WriteError(
+      f"writing a checkpoint to {manager.directory} failed: {describe(error)}. "
+      + (f"The last complete checkpoint is step {steps[-1]}" if steps else "No checkpoint is complete")
+      + "; free space and re-run the same command to resume.")
+
+
 def save(manager, step, state, force=False):
-  """Starts an async save of the train state dict; returns whether one started."""
-  return manager.save(step, args=ocp.args.Composite(
-      **{k: ocp.args.StandardSave(v) for k, v in state.items()}), force=force)
+  """Starts an async save of the train state dict; returns whether one started.
+
+  A failure of the previous async save surfaces here as a `WriteError`.
+  """
+  try:
+    return manager.save(step, args=ocp.args.Composite(
+        **{k: ocp.args.StandardSave(v) for k, v in state.items()}), force=force)
+  except Exception as e:  # orbax re-raises whatever its write threads hit.
+    raise _write_error(manager, e) from e
+
+
+def wait_until_written(manager):
+  """Blocks until the save in flight is on disk; a failed write raises `WriteError`."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # orbax re-raises whatever its write threads hit.
+    raise _write_error(manager, e) from e
 
 
 def item_metadata(path):
   """Tree of an orbax item's array metadata (`.shape`, `.dtype`), read without the arrays."""
   meta = ocp.StandardCheckpointer().metadata(path)
-  return getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+  tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+  if not isinstance(tree, dict):  # orbax warns and returns no tree when files are unreadable.
+    raise ValueError(f"orbax checkpoint {path} has no readable array metadata (missing or "
+                     "corrupt files)")
+  return tree
 
 
 def abstract_tree(tree, shardings):
@@ -49,7 +88,18 @@ def abstract_tree(tree, shardings):
 
 
 def restore(manager, step, abstract_state):
-  """Restores the items named in `abstract_state` (a dict of ShapeDtypeStruct trees)."""
-  restored = manager.restore(step, args=ocp.args.Composite(
-      **{k: ocp.args.StandardRestore(v) for k, v in abstract_state.items()}))
+  """Restores the items named in `abstract_state` (a dict of ShapeDtypeStruct trees).
+
+  An unreadable checkpoint (truncated or corrupted files, another model's
+  shapes) is a ValueError naming it and the step the run could resume from.
+  """
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        **{k: ocp.args.StandardRestore(v) for k, v in abstract_state.items()}))
+  except Exception as e:  # orbax and tensorstore raise many types for unreadable files.
+    earlier = [s for s in _complete_steps(manager) if s < step]
+    raise ValueError(
+        f"checkpoint {manager.directory / str(step)} cannot be restored: {describe(e)}. Move it "
+        "out of the way to resume from "
+        + (f"step {earlier[-1]}" if earlier else "the start") + " with the same command") from e
   return {k: restored[k] for k in abstract_state}

@@ -214,15 +214,19 @@ def _local_batch_size(global_batch, process_count, what):
   return global_batch // process_count
 
 
-def train_batches(split, preprocess_fn, global_batch, seed, start_step=0, *,
+def train_batches(split, preprocess_fn, global_batch, seed, start_step=0, end_step=None, *,
                   process_index=0, process_count=1, num_threads=0, batch_fn=None):
-  """Endless iterator of this process's slice of the global batch of each step.
+  """Iterator of this process's slice of the global batch of steps [start_step, end_step).
 
   Batch `s` holds the examples at stream positions [s*B, (s+1)*B) of an endless
   stream that visits the split once per epoch in an order drawn from
   (seed, epoch); this process gets its `process_index`-th slice. Each example's
   augmentation seed is (seed, stream position), so everything is a function of
   (seed, step). `batch_fn(batch, seed)` (mixup/CutMix) runs on each local batch.
+
+  `end_step=None`: endless. A bounded stream lets the pipeline's threads run dry
+  when training ends, so the process exits at once instead of waiting for
+  batches it will never use.
 
   Yields: dicts of numpy arrays, e.g. image [B/P, H, W, C], labels, label, mask.
   """
@@ -234,7 +238,7 @@ def train_batches(split, preprocess_fn, global_batch, seed, start_step=0, *,
     images, labels = split.read(order.positions(stream))
     return images, labels, stream, np.ones(local_batch, bool)
 
-  steps = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max)
+  steps = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max if end_step is None else end_step)
   return _batches(read, steps, preprocess_fn, local_batch, seed, num_threads, batch_fn)
 
 

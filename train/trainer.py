@@ -32,6 +32,7 @@ from train import mixing
 from train import optimizer
 from train import pp_spec
 from train import preprocess
+from train import preemption
 from train import pretrained
 from train import run_log
 from train import sharding
@@ -72,20 +73,26 @@ def _make_batch_mixer(config):
                                  config.aug.cutmix_switch_prob)
 
 
-def _write_config(config, workdir):
-  """Writes config.json; a workdir made by a different config is refused, not mixed."""
+def _check_workdir_config(config, workdir):
+  """A workdir made by a different config is refused, not mixed."""
   path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
   resolved = json.loads(config.to_json())
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
-    if previous != resolved:
-      changed = sorted(k for k in set(previous) | set(resolved)
-                       if previous.get(k) != resolved.get(k))
-      raise ValueError(f"{path} was written by a different config (keys {changed} "
-                       "differ): use a new --workdir, or the original config to resume")
-  elif jax.process_index() == 0:
-    files.write_json_atomic(path, resolved)
+  with open(path) as f:
+    previous = json.load(f)
+  if previous != resolved:
+    changed = sorted(k for k in set(previous) | set(resolved)
+                     if previous.get(k) != resolved.get(k))
+    raise ValueError(f"{path} was written by a different config (keys {changed} "
+                     "differ): use a new --workdir, or the original config to resume")
+
+
+def _write_config(config, workdir):
+  """Writes config.json once the run has started: a config that fails to start leaves none."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path) and jax.process_index() == 0:
+    files.write_json_atomic(path, json.loads(config.to_json()))
 
 
 def state_from_params(params, tx):
@@ -141,7 +148,7 @@ def _check_finite(step, metrics, manager):
   """Stops on a NaN/inf metric before it can reach a checkpoint."""
   bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
   if bad:
-    manager.wait_until_finished()
+    checkpoint.wait_until_written(manager)
     last = manager.latest_step()
     raise FloatingPointError(
         f"step {step}: non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}; stopping. "
@@ -157,7 +164,7 @@ def train_and_evaluate(config, workdir):
   _check_config(config, builder)
   data.check_heldout_split(builder, config.input.train_split, config.input.heldout_split,
                            config.input.test_split)
-  _write_config(config, workdir)
+  _check_workdir_config(config, workdir)
   results_path = os.path.join(workdir, RESULTS_FILE)
   if os.path.exists(results_path):
     logging.info("%s exists: the run is complete", results_path)
@@ -176,7 +183,9 @@ def train_and_evaluate(config, workdir):
 
   batches = data.train_batches(
       splits["train_split"], preprocess.build(pp_spec.resolve(config, "pp_train")),
-      config.batch_size, config.seed, start_step, process_index=jax.process_index(),
+      # At least one batch: its shape builds the model even when only the export is left.
+      config.batch_size, config.seed, start_step, max(config.total_steps, start_step + 1),
+      process_index=jax.process_index(),
       process_count=jax.process_count(), num_threads=config.input.num_threads,
       batch_fn=_make_batch_mixer(config))
   first_batch = next(batches)
@@ -194,6 +203,7 @@ def train_and_evaluate(config, workdir):
                                checkpoint.abstract_tree(abstract_state, state_shardings))
   else:
     state = _fresh_state(model, tx, config, image_shape, state_shardings)
+  _write_config(config, workdir)
 
   batch_sharding = sharding.batch_sharding(mesh)
   train_step = jax.jit(
@@ -211,31 +221,36 @@ def train_and_evaluate(config, workdir):
   writer = run_log.make_writer(workdir, start_step)
   progress = run_log.Progress(config.total_steps, start_step, config.batch_size)
   host_batch = first_batch
-  try:
-    for step in range(start_step + 1, config.total_steps + 1):
-      batch = sharding.to_global({k: host_batch[k] for k in ("image", "labels")}, batch_sharding)
-      state, metrics = train_step(state, batch, jnp.int32(step - 1))
-      if step == start_step + 1:
-        jax.block_until_ready(metrics)
-        progress.start_clock(step)
-      log_now = step % config.log_every_steps == 0 or step == config.total_steps
-      if log_now or manager.should_save(step):
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        _check_finite(step, metrics, manager)
-      if log_now:
-        metrics["lr"] = float(schedule(step - 1))
-        metrics.update(progress.rates(step))
-        writer.write_scalars(step, metrics)
-        progress.report(step, {k: metrics[k] for k in ("loss", "lr")})
-      with progress.paused():
-        if config.eval_every_steps and step % config.eval_every_steps == 0:
-          heldout = evaluators["heldout_split"].evaluate(state["params"])
-          writer.write_scalars(step, {"heldout_accuracy": heldout["accuracy"]})
-        checkpoint.save(manager, step, state, force=step == config.total_steps)
-      if step < config.total_steps:
-        host_batch = next(batches)
-  finally:
-    manager.wait_until_finished()  # A checkpoint in flight completes, even on error.
+  with preemption.Notice() as notice:  # SIGTERM: checkpoint, then stop.
+    try:
+      for step in range(start_step + 1, config.total_steps + 1):
+        batch = sharding.to_global({k: host_batch[k] for k in ("image", "labels")}, batch_sharding)
+        state, metrics = train_step(state, batch, jnp.int32(step - 1))
+        if step == start_step + 1:
+          jax.block_until_ready(metrics)
+          progress.start_clock(step)
+        log_now = step % config.log_every_steps == 0 or step == config.total_steps
+        preempted = step < config.total_steps and notice.reached(step)
+        if log_now or preempted or manager.should_save(step):
+          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          _check_finite(step, metrics, manager)
+        if log_now:
+          metrics["lr"] = float(schedule(step - 1))
+          metrics.update(progress.rates(step))
+          writer.write_scalars(step, metrics)
+          progress.report(step, {k: metrics[k] for k in ("loss", "lr")})
+        with progress.paused():
+          if config.eval_every_steps and step % config.eval_every_steps == 0:
+            heldout = evaluators["heldout_split"].evaluate(state["params"])
+            writer.write_scalars(step, {"heldout_accuracy": heldout["accuracy"]})
+          checkpoint.save(manager, step, state, force=step == config.total_steps or preempted)
+        if preempted:
+          writer.flush()
+          raise preemption.Preempted(step, manager.directory)
+        if step < config.total_steps:
+          host_batch = next(batches)
+    finally:
+      checkpoint.wait_until_written(manager)  # A checkpoint in flight completes, even on error.
   return _finish(config, workdir, state, evaluators, writer)
 
 
