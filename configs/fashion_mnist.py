@@ -15,7 +15,7 @@ Pre-train, then fine-tune from the exported weights:
       --workdir=runs/fmnist_finetune --config.lr=0.003
 
 Arguments: stage=pretrain|finetune (default finetune), init=<npz> (finetune),
-variant=<ViT variant> (default pico/4), runlocal (a smoke run of a few steps).
+variant=<ViT variant> (default pico/7), runlocal (a smoke run of a few steps).
 """
 
 from configs import common
@@ -25,7 +25,7 @@ DOWNSTREAM_CLASSES = (1, 3, 5, 7, 9)
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, stage="finetune", init="", variant="pico/4", runlocal=False)
+  arg = common.parse_arg(arg, stage="finetune", init="", variant="pico/7", runlocal=False)
   if arg.stage not in ("pretrain", "finetune"):
     raise ValueError(f"stage={arg.stage!r}: expected 'pretrain' or 'finetune'")
   pretrain = arg.stage == "pretrain"

@@ -1,6 +1,6 @@
 r"""stockpot's main job on the embedded default, end to end and offline: `make demo`.
 
-  1. pre-train a pico/4 ViT on 5 Fashion-MNIST classes, export big_vision .npz;
+  1. pre-train a pico/7 ViT on 5 Fashion-MNIST classes, export big_vision .npz;
   2. fine-tune a grid of runs from it on the other 5 classes (the paper's knobs);
   3. cook uniform, greedy, learned soups, the ensemble and WiSE-FT from the
      runs' low-EMA weights; evaluate on held-out, test and the offline shift
@@ -23,8 +23,8 @@ from absl import flags
 
 _OUT = flags.DEFINE_string("out", "runs/demo", "Where everything is written.")
 _SIZE = flags.DEFINE_enum("size", "full", ("full", "small"), "Grid size (small: 4 runs, for tests).")
-_PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 800, "Upstream pre-training steps.")
-_FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 120, "Steps of each fine-tuning run.")
+_PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 1500, "Upstream pre-training steps.")
+_FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 200, "Steps of each fine-tuning run.")
 _PARALLEL = flags.DEFINE_integer("parallel", 2, "Fine-tuning runs at a time.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data dir (default: $TFDS_DATA_DIR).")
 
@@ -56,7 +56,7 @@ def main(argv):
   data = [f"--config.input.data_dir={_DATA_DIR.value}"] if _DATA_DIR.value else []
   start = time.monotonic()
   pretrain_dir = os.path.join(out, "pretrain")
-  _stage(1, f"pre-training pico/4 on the upstream classes ({_PRETRAIN_STEPS.value} steps) -> "
+  _stage(1, f"pre-training pico/7 on the upstream classes ({_PRETRAIN_STEPS.value} steps) -> "
             f"{pretrain_dir}")
   _run("train", "--config=configs/fashion_mnist.py:stage=pretrain", f"--workdir={pretrain_dir}",
        f"--config.total_steps={_PRETRAIN_STEPS.value}", *data)

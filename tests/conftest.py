@@ -22,7 +22,7 @@ def data_dir():
 
 @pytest.fixture(scope="session")
 def pretrained_npz(tmp_path_factory, data_dir):
-  """A pico/4 ViT pre-trained on the upstream Fashion-MNIST classes, exported to .npz."""
+  """A pico/7 ViT (the config default) pre-trained on the upstream Fashion-MNIST classes, exported to .npz."""
   workdir = tmp_path_factory.mktemp("upstream")
   run_module("train", "--config=configs/fashion_mnist.py:stage=pretrain",
              f"--workdir={workdir}", f"--config.input.data_dir={data_dir}",

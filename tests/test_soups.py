@@ -116,7 +116,7 @@ def test_soup_memory_per_device_is_flat_in_the_number_of_ingredients(tmp_path):
   assert memory.alias_size_in_bytes >= 0.99 * share  # The running sum is updated in place.
 
 
-# Real ingredients: a pico/4 pre-trained upstream, fine-tuned downstream 4 ways.
+# Real ingredients: a pico/7 pre-trained upstream, fine-tuned downstream 4 ways.
 FINETUNES = {"lr0.003": {"lr": 0.003}, "lr0.01": {"lr": 0.01},
              "lr0.03_smooth": {"lr": 0.03, "label_smoothing": 0.1},
              "lr0.01_crop": {"lr": 0.01, "aug.crop_min_area": 0.5}}
