@@ -71,15 +71,27 @@ def last_step(workdir):
 
 
 def alive(pid_file):
-  """Whether the process whose pid is in `pid_file` (on this host) still runs."""
+  """Whether the run process whose pid is in `pid_file` (on this host) still runs.
+
+  A killed run's pid can linger as a zombie, or be reused by an unrelated
+  process: neither counts, so a re-launched sweep restarts the run.
+  """
   if not os.path.exists(pid_file):
     return False
   try:
     with open(pid_file) as f:
-      os.kill(int(f.read().strip()), 0)
-    return True
+      pid = int(f.read().strip())
+    os.kill(pid, 0)
   except (ValueError, ProcessLookupError, PermissionError):
     return False
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      state = f.read().rsplit(")", 1)[1].split()[0]
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+      cmdline = f.read().decode(errors="replace")
+  except OSError:  # No /proc (macOS): the pid is all there is.
+    return True
+  return state != "Z" and os.path.basename(os.path.dirname(os.path.abspath(pid_file))) in cmdline
 
 
 def refresh(sweep_dir, manifest):

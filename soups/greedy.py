@@ -89,6 +89,9 @@ def greedy_soup(ingredients, heldout_acc, restore, running_sum, evaluator, journ
   for index, ingredient in enumerate(order):
     if index < len(journal.entries):  # Replay a decision already taken.
       entry = journal.entries[index]
+      if index:  # The search's cost counts the replayed evaluations too.
+        stats["batches_evaluated"] += entry["batches_evaluated"]
+        stats["batches_full_evaluation"] += num_batches
       if entry["decision"] == "add":
         running_sum.add(restore(ingredient))
         kept.append(ingredient.name)

@@ -189,6 +189,7 @@ def test_greedy_resume_early_abort_and_test_split_independence(cooked, finetuned
   resumed = soup_step.cook(ingredients, str(resumed_dir), soup_step.Options(recipes=("greedy",)))
   assert _journal(resumed_dir) == full
   assert resumed["soups"]["greedy"]["ingredients"] == results["soups"]["greedy"]["ingredients"]
+  assert resumed["soups"]["greedy"]["search"] == results["soups"]["greedy"]["search"]
   # Without early abort: the same decisions, at least as many forward passes.
   exhaustive_dir = tmp_path / "exhaustive"
   exhaustive = soup_step.cook(ingredients, str(exhaustive_dir), soup_step.Options(
