@@ -1,15 +1,31 @@
 """Shared fixtures: 8 fake CPU devices, the prepared Fashion-MNIST, a pre-trained tiny ViT."""
 
 import os
+import shutil
+import tempfile
 
 # Before jax is imported anywhere: in-process tests see 8 CPU devices.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One persistent XLA compilation cache for the session, inherited by every
+# `python -m ...` the tests start: the same train and eval steps are compiled
+# by dozens of runs, and a cache hit returns the same executable.
+_XLA_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _XLA_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+      prefix="stockpot-tests-xla-cache-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # pylint: disable=g-import-not-at-top
 
 from tests.helpers import run_module  # pylint: disable=g-import-not-at-top
+
+
+def pytest_sessionfinish():
+  if _XLA_CACHE:
+    shutil.rmtree(_XLA_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,13 @@ Every test here injects faults into the real entry points (`python -m train`,
 `python -m launch`, `python -m soups`), restarts the same command, and
 asserts the end state is bit-identical to an uninterrupted run. The kill
 points are drawn from a seeded generator (reproducible, but not chosen by
-hand) over the uninterrupted run's own duration. Each injected fault is
-tallied in the session's reliability summary (tests/conftest.py).
+hand) over the outputs (checkpoints, results, soup files) the uninterrupted
+run writes: a kill lands after a random one of them appears, plus a random
+fraction of a second. Each injected fault is tallied in the session's
+reliability summary (tests/conftest.py).
 """
 
+import glob
 import json
 import os
 import resource
@@ -45,24 +48,24 @@ def _start(module, *args):
                           start_new_session=True)
 
 
-def _timed(module, *args):
-  """Runs to completion; returns the wall time, the span kills are drawn from."""
-  start = time.monotonic()
-  run_module(module, *args)
-  return time.monotonic() - start
-
-
-def _kill_at_random_points(rng, duration, module, *args):
-  """Starts and SIGKILLs (the whole process group) `KILLS_PER_TARGET` times; returns the kills landed."""
+def _kill_at_random_progress(rng, progress, final, module, *args):
+  """Starts and SIGKILLs (the whole process group) `KILLS_PER_TARGET` times, each time once
+  `progress()` (a count of outputs on disk) reaches a target drawn at random in
+  [1, final - 1), plus a random fraction of a second; the targets grow, as each restart
+  resumes. Returns the kills that landed on a live process."""
   landed = 0
-  for _ in range(KILLS_PER_TARGET):
+  targets = sorted(rng.choice(np.arange(1, final - 1), KILLS_PER_TARGET, replace=False))
+  for target in targets:
     proc = _start(module, *args)
-    try:
-      proc.wait(timeout=rng.uniform(0.2, 0.9) * duration)
-    except subprocess.TimeoutExpired:
+    deadline = time.monotonic() + 300
+    while progress() < target and proc.poll() is None:
+      assert time.monotonic() < deadline, f"no progress to {target} outputs in 300 s"
+      time.sleep(0.02)
+    time.sleep(rng.uniform(0, 0.3))  # Mid-step, mid-write or mid-log.
+    if proc.poll() is None:
       os.killpg(proc.pid, signal.SIGKILL)
-      proc.wait()
       landed += 1
+    proc.wait()
   return landed
 
 
@@ -81,14 +84,14 @@ FINAL_WEIGHTS = [f"final/{name}.npz" for name in checkpoint.WEIGHT_NAMES]
 @pytest.fixture(scope="module")
 def reference_train(tmp_path_factory, data_dir):
   workdir = str(tmp_path_factory.mktemp("reference_train"))
-  duration = _timed("train", *TRAIN, f"--workdir={workdir}", f"--config.input.data_dir={data_dir}")
-  return workdir, duration
+  run_module("train", *TRAIN, f"--workdir={workdir}", f"--config.input.data_dir={data_dir}")
+  return workdir
 
 
 def test_training_killed_at_random_points_ends_bit_identical(reference_train, tmp_path, data_dir,
                                                              reliability):
   """Kills land after random checkpoints (resumed runs are shorter than a fresh one)."""
-  reference, _ = reference_train
+  reference = reference_train
   args = (*TRAIN, f"--workdir={tmp_path}", f"--config.input.data_dir={data_dir}")
   rng = np.random.default_rng(1)
   for target in sorted(rng.choice(np.arange(25, 126, 25), KILLS_PER_TARGET, replace=False)):
@@ -121,8 +124,14 @@ def _write_sweep(path, data_dir):
 def reference_sweep(tmp_path_factory, data_dir):
   root = tmp_path_factory.mktemp("reference_sweep")
   sweep = _write_sweep(root / "sweep.py", data_dir)
-  duration = _timed("launch", f"--sweep={sweep}", f"--sweep_dir={root / 'sweep'}", "--parallel=2")
-  return sweep, str(root / "sweep"), duration
+  run_module("launch", f"--sweep={sweep}", f"--sweep_dir={root / 'sweep'}", "--parallel=2")
+  return sweep, str(root / "sweep")
+
+
+def _sweep_outputs(sweep_dir):
+  """Checkpoints and results.json files written so far by a sweep's runs."""
+  return sum(len(glob.glob(os.path.join(sweep_dir, "*", pattern)))
+             for pattern in ("checkpoints/[0-9]*", "results.json"))
 
 
 def _runs(sweep_dir):
@@ -131,9 +140,12 @@ def _runs(sweep_dir):
 
 
 def test_sweep_killed_at_random_points_ends_bit_identical(reference_sweep, tmp_path, reliability):
-  sweep, reference_dir, duration = reference_sweep
+  sweep, reference_dir = reference_sweep
   args = (f"--sweep={sweep}", f"--sweep_dir={tmp_path / 'sweep'}", "--parallel=2")
-  landed = _kill_at_random_points(np.random.default_rng(2), duration, "launch", *args)
+  landed = _kill_at_random_progress(
+      np.random.default_rng(2), lambda: _sweep_outputs(tmp_path / "sweep"),
+      _sweep_outputs(reference_dir), "launch", *args)
+  assert landed == KILLS_PER_TARGET
   run_module("launch", *args)
   runs = _runs(tmp_path / "sweep")
   assert [r["status"] for r in runs] == ["done"] * 2
@@ -145,11 +157,14 @@ def test_sweep_killed_at_random_points_ends_bit_identical(reference_sweep, tmp_p
 
 def test_greedy_soup_killed_at_random_points_ends_bit_identical(reference_sweep, tmp_path,
                                                                 reliability):
-  _, sweep_dir, _ = reference_sweep
+  _, sweep_dir = reference_sweep
   args = (f"--sweep_dir={sweep_dir}", "--weights=params", "--recipes=uniform,greedy")
-  duration = _timed("soups", *args, f"--soup_dir={tmp_path / 'reference'}")
+  run_module("soups", *args, f"--soup_dir={tmp_path / 'reference'}")
   killed = (*args, f"--soup_dir={tmp_path / 'killed'}")
-  landed = _kill_at_random_points(np.random.default_rng(3), duration, "soups", *killed)
+  soup_outputs = lambda: len(os.listdir(tmp_path / "killed")) if (tmp_path / "killed").exists() else 0
+  landed = _kill_at_random_progress(np.random.default_rng(3), soup_outputs,
+                                    len(os.listdir(tmp_path / "reference")), "soups", *killed)
+  assert landed == KILLS_PER_TARGET
   run_module("soups", *killed)
   for name in ("results.json", "greedy_journal.jsonl"):
     assert (tmp_path / "killed" / name).read_text() == (tmp_path / "reference" / name).read_text()
@@ -203,7 +218,7 @@ def test_preemption_then_a_full_disk_then_resume_ends_bit_identical(reference_tr
   assert not (tmp_path / "results.json").exists()
 
   run_module("train", *args)  # Space freed: the same command resumes and finishes.
-  _same_npz_files(reference_train[0], str(tmp_path), FINAL_WEIGHTS)
+  _same_npz_files(reference_train, str(tmp_path), FINAL_WEIGHTS)
   assert not [d for d in os.listdir(tmp_path / "checkpoints") if "tmp" in d], "partial output left"
   reliability.record("disk full during a checkpoint write", 1, survived=1)
 

@@ -131,7 +131,7 @@ def finetuned_runs(tmp_path_factory, pretrained_npz, data_dir):
         "input.data_dir": data_dir, "total_steps": 80, "log_every_steps": 40,
         "checkpoint.every_steps": 80, "ema.low": 0.9, "final_eval_weights": ("ema_low",),
         "schedule.warmup_steps": 5, "input.heldout_split": "train[90%:95%]",
-        "input.test_split": "test[:50%]", **overrides})
+        "input.test_split": "test[:20%]", **overrides})
     trainer.train_and_evaluate(config, str(root / name))
   return [str(root / name) for name in FINETUNES]
 
@@ -207,7 +207,7 @@ def test_greedy_resume_early_abort_and_test_split_independence(cooked, finetuned
     shutil.copytree(run, copy)
     with open(copy / "config.json") as f:
       config = json.load(f)
-    config["input"]["test_split"] = "test[:20%]"
+    config["input"]["test_split"] = "test[:10%]"
     with open(copy / "config.json", "w") as f:
       json.dump(config, f)
     copies.append(str(copy))
