@@ -6,7 +6,8 @@ correct when its top-1 class has a positive target (`labels[argmax] > 0`),
 which also scores multi-label splits such as ImageNet-ReaL.
 
 A split whose preprocessed examples fit in `CACHE_BYTES` is kept on the host
-after its first full pass: the soup step evaluates the same splits dozens of
+after its first pass (a pass stopped early is read to the end into the cache,
+without forward passes): the soup step evaluates the same splits dozens of
 times, and decoding and shifting images then costs more than the forward pass.
 """
 
@@ -76,20 +77,34 @@ class SplitAccuracy:
       yield from self._cached
       return
     kept, size = [], 0
-    for host_batch in data.eval_batches(
-        self.split, self.preprocess_fn, self.batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        num_threads=self.num_threads):
-      host_batch = {k: host_batch[k] for k in ("image", "labels", "mask")}
-      if kept is not None:
-        size += sum(v.nbytes for v in host_batch.values())
-        if size <= self.cache_bytes:
-          kept.append(host_batch)
-        else:
-          kept = None
-      yield host_batch
-    if kept is not None:  # Only a complete pass is cached (greedy search stops passes early).
+
+    def keep(host_batch):
+      nonlocal kept, size
+      size += sum(v.nbytes for v in host_batch.values())
+      if size <= self.cache_bytes:
+        kept.append(host_batch)
+      else:
+        kept = None
+
+    source = (
+        {k: b[k] for k in ("image", "labels", "mask")}
+        for b in data.eval_batches(
+            self.split, self.preprocess_fn, self.batch_size,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            num_threads=self.num_threads))
+    try:
+      for host_batch in source:
+        if kept is not None:
+          keep(host_batch)
+        yield host_batch
+    except GeneratorExit:
+      # A pass stopped early (greedy's early abort) still completes a cacheable
+      # split's cache, so that the next pass does not decode the split again.
+      for host_batch in source if kept is not None else ():
+        keep(host_batch)
       self._cached = kept
+      raise
+    self._cached = kept  # None when the split does not fit.
 
   def global_batches(self):
     """The split once, as padded global batches {'image', 'labels', 'mask'} on the mesh."""
