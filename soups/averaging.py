@@ -2,43 +2,85 @@
 
 `RunningSum` keeps a float32 sum of ingredients on the mesh, every leaf
 sharded as the target sharding says; ingredients are added one at a time and
-dropped, so peak memory per device is about (sum + one ingredient) / devices,
-whatever the number of ingredients. The add is jitted with the sum donated,
-so it updates in place.
+dropped. The add is jitted with the sum donated, so it updates in place.
+`average` reads the next ingredient on a background thread while the current
+one is added, so peak memory per device is about (sum + two ingredients) /
+devices, whatever the number of ingredients, and the disk never waits for
+the adds.
 """
+
+import functools
+import threading
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from soups import ingredients as ingredients_lib
 
 
-def _shardings(abstract):
-  return jax.tree.map(lambda a: a.sharding, abstract)
+def _zeros(leaf):
+  """float32 zeros in `leaf`'s sharding, this process's shards copied from the host.
+
+  No compile (a jitted zeros costs as much to compile as the add), and copied
+  rather than aliased, so the first add can update the sum in place.
+  """
+  if leaf.sharding.is_fully_addressable:
+    return jax.device_put(np.zeros(leaf.shape, np.float32), leaf.sharding, may_alias=False)
+  shape = leaf.sharding.shard_shape(leaf.shape)
+  shards = [jax.device_put(np.zeros(shape, np.float32), device, may_alias=False)
+            for device in leaf.sharding.addressable_devices]
+  return jax.make_array_from_single_device_arrays(leaf.shape, leaf.sharding, shards)
 
 
 def _add(total, tree, weight):
   return jax.tree.map(lambda t, x: t + weight * x.astype(jnp.float32), total, tree)
 
 
+def _divide(total, weight):
+  """total / weight, correctly rounded, as numpy divides.
+
+  For some leaf shapes XLA rewrites a division by a broadcast scalar into a
+  multiplication by its reciprocal, up to 1 ulp off; dividing by a
+  broadcast it cannot see through keeps the division (at no measured cost).
+  """
+  return total / jax.lax.optimization_barrier(jnp.broadcast_to(weight, total.shape))
+
+
 def _mean_with(total, count, tree, dtypes):
   """(total + tree) / (count + 1), cast back to the ingredients' dtypes: a candidate soup."""
-  return jax.tree.map(lambda t, x, d: ((t + x.astype(jnp.float32)) / (count + 1)).astype(d),
+  return jax.tree.map(lambda t, x, d: _divide(t + x.astype(jnp.float32), count + 1).astype(d),
                       total, tree, dtypes)
+
+
+@functools.lru_cache(maxsize=16)
+def _steps(treedef, dtypes, shardings):
+  """The jitted add, mean and mean_with for one tree of (dtype, sharding) leaves.
+
+  Shared by every `RunningSum` of that tree in the process (the uniform and
+  the greedy soup, say), so each compiles once, not once per sum.
+  """
+  dtypes = jax.tree.unflatten(treedef, dtypes)
+  shardings = jax.tree.unflatten(treedef, shardings)
+  add = jax.jit(_add, donate_argnums=(0,), out_shardings=shardings)
+  mean = jax.jit(lambda total, weight: jax.tree.map(
+      lambda t, d: _divide(t, weight).astype(d), total, dtypes), out_shardings=shardings)
+  mean_with = jax.jit(lambda total, count, tree: _mean_with(total, count, tree, dtypes),
+                      out_shardings=shardings)
+  return add, mean, mean_with
 
 
 class RunningSum:
   """sum_i w_i * ingredient_i in float32, sharded like `abstract` (ShapeDtypeStructs with shardings)."""
 
   def __init__(self, abstract):
-    shardings = _shardings(abstract)
+    leaves, treedef = jax.tree.flatten(abstract)
     self.dtypes = jax.tree.map(lambda a: a.dtype, abstract)
-    zeros = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), abstract)
-    self.total = jax.jit(zeros, out_shardings=shardings)()
+    self.total = jax.tree.map(_zeros, abstract)
     self.weight = 0.0
-    self._add = jax.jit(_add, donate_argnums=(0,), out_shardings=shardings)
-    self._mean = jax.jit(lambda total, weight: jax.tree.map(
-        lambda t, d: (t / weight).astype(d), total, self.dtypes), out_shardings=shardings)
-    self._mean_with = jax.jit(lambda total, count, tree: _mean_with(
-        total, count, tree, self.dtypes), out_shardings=shardings)
+    self._compiling = None
+    self._add, self._mean, self._mean_with = _steps(
+        treedef, tuple(np.dtype(a.dtype) for a in leaves), tuple(a.sharding for a in leaves))
 
   def add(self, tree, weight=1.0):
     self.total = self._add(self.total, tree, jnp.float32(weight))
@@ -48,25 +90,53 @@ class RunningSum:
     """The weighted average, in the ingredients' dtypes."""
     if not self.weight:
       raise ValueError("the average of no ingredients is undefined")
+    if self._compiling is not None:
+      self._compiling.join()  # Its compile is cached: the call below runs it.
     return self._mean(self.total, jnp.float32(self.weight))
 
   def mean_with(self, tree):
     """The uniform average if `tree` were added (for unit weights), without adding it."""
     return self._mean_with(self.total, jnp.float32(self.weight), tree)
 
+  def compile(self, abstract):
+    """Compiles `add` for ingredients like `abstract` now, and `mean` on a background thread.
+
+    Compiles cost as much as reading a few ingredients; the mean is needed
+    only at the end, so its compile overlaps the reads and adds.
+    """
+    weight = jax.ShapeDtypeStruct((), jnp.float32)
+    total = self._total_abstract()
+    self._compiling = threading.Thread(
+        target=lambda: self._mean.lower(total, weight).compile(), name="soup-compile", daemon=True)
+    self._compiling.start()
+    self._add.lower(total, abstract, weight).compile()
+
+  def _total_abstract(self):
+    return jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding),
+                        self.total)
+
   def add_memory_analysis(self, abstract):
     """XLA's compiled memory analysis of one `add` step (per device)."""
-    total = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding),
-                         self.total)
-    return self._add.lower(total, abstract, jnp.float32(1.0)).compile().memory_analysis()
+    return self._add.lower(self._total_abstract(), abstract,
+                           jnp.float32(1.0)).compile().memory_analysis()
 
 
-def average(ingredients, restore, abstract, weights=None):
-  """Weighted mean (default uniform) of `ingredients`, restored one at a time by `restore`."""
-  weights = [1.0] * len(ingredients) if weights is None else weights
-  running = RunningSum(abstract)
-  for ingredient, weight in zip(ingredients, weights):
-    running.add(restore(ingredient), weight)
+def average(ingredients, restore, abstract, weights=None, ahead=1):
+  """Weighted mean (default uniform) of `ingredients`, restored one at a time by `restore`.
+
+  `ahead` ingredients are read on a background thread while one is added
+  (memory: the sum and `ahead` + 1 ingredients); the sums are the same, in
+  the same order, as reading and adding in turn.
+  """
+  weights = [1.0] * len(ingredients) if weights is None else list(weights)
+  if len(weights) != len(ingredients):
+    raise ValueError(f"{len(weights)} weights for {len(ingredients)} ingredients")
+  with ingredients_lib.Prefetcher(ingredients, restore, ahead) as stream:
+    running = RunningSum(abstract)  # The first reads overlap these compiles.
+    running.compile(abstract)
+    for weight in weights:
+      running.add(next(stream)[1], weight)  # No reference to the ingredient outlives the add...
+      jax.block_until_ready(running.total)  # ...whose end lets the next read start.
   return running.mean()
 
 

@@ -3,14 +3,23 @@
 An ingredient is read from the orbax checkpoint of a run (`<run>/checkpoints/
 <last step>/<weights>`), from an orbax item directory, or from a big_vision
 `.npz`. Before any averaging, `check_compatible` compares every ingredient's
-tree, shapes and dtypes from metadata alone, and `restore` reads one
-ingredient straight into the target sharding, leaf by leaf.
+tree, shapes and dtypes from metadata alone; `restore` reads one ingredient
+into the target sharding, every stored byte read (and decompressed) once;
+`Prefetcher` reads the next ingredient on a background thread while the
+caller works on the current one, so reading and adding overlap.
 """
 
+import ctypes
 import dataclasses
+import io
 import json
+import math
 import os
+import queue
+import struct
+import threading
 import zipfile
+import zlib
 
 import jax
 import numpy as np
@@ -104,20 +113,66 @@ def from_paths(paths, weights):
   return ingredients
 
 
+def _npy_header(f):
+  """(shape, fortran_order, dtype) of the .npy header at `f`'s position, which it reads past."""
+  read_header = (np.lib.format.read_array_header_1_0 if np.lib.format.read_magic(f) == (1, 0)
+                 else np.lib.format.read_array_header_2_0)
+  shape, fortran_order, dtype = read_header(f)
+  return tuple(shape), fortran_order, np.dtype(dtype)
+
+
+def _npz_key(member):
+  return member[:-4] if member.endswith(".npy") else member
+
+
+# A zip member's local header: signature, versions, flags, ..., name and extra lengths.
+_ZIP_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
+_NPY_PREFIX = 512  # Bytes read at once for the local and .npy headers (a .npy header is ~128).
+_npy_headers = {}  # .npy header bytes -> (shape, fortran_order, dtype).
+
+
+def _stored_npy_header(fd, info):
+  """(header bytes, shape, fortran_order, dtype, data offset) of an uncompressed .npy member.
+
+  One read of the zip local header and the .npy header behind it; parsed
+  headers are cached, as every ingredient of a soup repeats them.
+  """
+  prefix = os.pread(fd, _ZIP_LOCAL_HEADER.size + len(info.filename.encode()) + _NPY_PREFIX,
+                    info.header_offset)
+  if len(prefix) < _ZIP_LOCAL_HEADER.size:
+    raise ValueError(f"member {info.filename} is truncated")
+  local = _ZIP_LOCAL_HEADER.unpack_from(prefix)
+  if local[0] != zipfile.stringFileHeader:
+    raise ValueError(f"member {info.filename} has no zip local header at {info.header_offset}")
+  start = _ZIP_LOCAL_HEADER.size + local[-2] + local[-1]  # After the name and extra field.
+  if len(prefix) < start + 12:
+    raise ValueError(f"member {info.filename} is truncated")
+  version = prefix[start + 6:start + 8]
+  size_format, size_bytes = ("<H", 2) if version == b"\x01\x00" else ("<I", 4)
+  header_size = 8 + size_bytes + struct.unpack_from(size_format, prefix, start + 8)[0]
+  if start + header_size > len(prefix):
+    prefix = os.pread(fd, start + header_size, info.header_offset)
+  header = prefix[start:start + header_size]
+  if header not in _npy_headers:
+    _npy_headers[header] = _npy_header(io.BytesIO(header))
+  shape, fortran_order, dtype = _npy_headers[header]
+  return header, shape, fortran_order, dtype, info.header_offset + start + header_size
+
+
 def _npz_metadata(path):
   """{key: (shape, dtype)} from the .npy headers inside an .npz, without reading the arrays."""
   try:
-    with zipfile.ZipFile(path) as archive:
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
       out = {}
-      for member in archive.namelist():
-        with archive.open(member) as f:
-          read_header = (np.lib.format.read_array_header_1_0
-                         if np.lib.format.read_magic(f) == (1, 0)
-                         else np.lib.format.read_array_header_2_0)
-          shape, _, dtype = read_header(f)
-        out[member[:-4] if member.endswith(".npy") else member] = (tuple(shape), np.dtype(dtype))
+      for info in archive.infolist():
+        if info.compress_type == zipfile.ZIP_STORED:  # One small read per member.
+          _, shape, _, dtype, _ = _stored_npy_header(f.fileno(), info)
+        else:
+          with archive.open(info) as member:
+            shape, _, dtype = _npy_header(member)
+        out[_npz_key(info.filename)] = (shape, dtype)
       return out
-  except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+  except (zipfile.BadZipFile, ValueError, OSError, EOFError, struct.error) as e:
     raise ValueError(f"ingredient {path} is not a readable .npz file: {e}") from e
 
 
@@ -165,16 +220,191 @@ def abstract_params(shared_metadata, shardings_fn):
                       abstract, shardings)
 
 
+def _put(array, sharding):
+  """A host array -> a global array in `sharding`, this process's shards only.
+
+  As fast as one batched `jax.device_put` of a whole tree (both slice and
+  copy in C++), and correct across processes.
+  """
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def _pread_full(fd, buffer, offset):
+  """Fills `buffer` from `fd` at `offset` (reads may return short); returns the bytes read."""
+  view, done = memoryview(buffer), 0
+  while done < len(view):
+    n = os.preadv(fd, [view[done:]], offset + done)
+    if not n:
+      break
+    done += n
+  return done
+
+
+def _read_stored_npy(fd, info):
+  """An uncompressed (`np.savez`) member read straight into a fresh array, CRC-checked.
+
+  Two reads: the headers, then the data straight into the array, where
+  `np.load` copies it three times (zip reader, bytes, array). The CRC-32 the
+  zip stores is checked as `np.load` checks it, so a flipped bit in a weight
+  is an error, not a silently wrong soup.
+  """
+  header, shape, fortran_order, dtype, offset = _stored_npy_header(fd, info)
+  if dtype.hasobject:
+    raise ValueError(f"member {info.filename} holds Python objects, not numbers")
+  buffer = np.empty(math.prod(shape) * dtype.itemsize, np.uint8)
+  if (len(header) + buffer.size != info.file_size
+      or _pread_full(fd, buffer, offset) != buffer.size):
+    raise ValueError(f"member {info.filename} is truncated")
+  if zlib.crc32(buffer, zlib.crc32(header)) != info.CRC:  # zlib lets go of the GIL meanwhile.
+    raise ValueError(f"member {info.filename} is corrupt (CRC-32 mismatch)")
+  array = buffer.view(dtype).reshape(shape, order="F" if fortran_order else "C")
+  return array if dtype.isnative else array.astype(dtype.newbyteorder("="))
+
+
+def _restore_npz(ingredient, abstract):
+  """Every leaf of an `.npz`, in file order (sequential reads), placed as soon as it is read.
+
+  Every process reads the whole file: a zip member has no index to read a
+  shard from. Host memory holds one leaf at a time.
+  """
+  leaves = dict(trees.flatten(abstract))
+  placed = {}
+  try:
+    with zipfile.ZipFile(ingredient.path) as archive, open(ingredient.path, "rb") as f:
+      members = {_npz_key(info.filename): info for info in archive.infolist()}
+      missing = sorted(set(leaves) - set(members))
+      if missing:
+        raise ValueError(f"no parameter {missing[0]!r}")
+      for key, info in sorted(members.items(), key=lambda item: item[1].header_offset):
+        if key not in leaves:
+          continue
+        if info.compress_type == zipfile.ZIP_STORED:
+          array = _read_stored_npy(f.fileno(), info)
+        else:  # `np.savez_compressed`: zipfile inflates and checks the CRC.
+          with archive.open(info) as member:
+            array = np.lib.format.read_array(member, allow_pickle=False)
+        leaf = leaves[key]
+        native = np.dtype(leaf.dtype).newbyteorder("=")
+        if array.shape != tuple(leaf.shape) or array.dtype != native:
+          raise ValueError(f"parameter {key!r} has shape {array.shape} dtype {array.dtype}, "
+                           f"expected {tuple(leaf.shape)} {leaf.dtype}")
+        placed[key] = _put(array, leaf.sharding)
+        del array
+  except (zipfile.BadZipFile, ValueError, OSError, EOFError, struct.error) as e:
+    raise ValueError(f"ingredient {ingredient.name}: cannot read {ingredient.path}: {e}") from e
+  return trees.unflatten(placed)
+
+
+def _restore_orbax(ingredient, abstract):
+  """An orbax item in the target shardings, each stored chunk decompressed once.
+
+  On one process, every leaf's shards are all local: orbax reads each array
+  whole, into host memory, and `_put` slices it into the shards. Reading into
+  the shardings instead would decompress every stored chunk once per shard
+  that overlaps it (orbax stores a trainer's replicated array as one chunk
+  per device along the first dimension; the soup shards the largest one),
+  8x the work on 8 devices. Across processes each reads only its own shards,
+  through orbax with the target sharding, as before.
+  """
+  try:
+    if all(leaf.sharding.is_fully_addressable for leaf in jax.tree.leaves(abstract)):
+      restore_args = jax.tree.map(
+          lambda leaf: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+      host = ocp.PyTreeCheckpointer().restore(
+          ingredient.path, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
+      return jax.tree.map(lambda array, leaf: _put(array, leaf.sharding), host, abstract)
+    return ocp.StandardCheckpointer().restore(ingredient.path, abstract)
+  except Exception as e:  # orbax and tensorstore raise many types for unreadable files.
+    raise ValueError(f"ingredient {ingredient.name}: cannot restore {ingredient.path}: "
+                     f"{checkpoint.describe(e)}") from e
+
+
 def restore(ingredient, abstract):
-  """Reads one ingredient straight into the shardings of `abstract` (each host its shards)."""
-  if not ingredient.is_npz:
-    try:
-      return ocp.StandardCheckpointer().restore(ingredient.path, abstract)
-    except Exception as e:  # orbax and tensorstore raise many types for unreadable files.
-      raise ValueError(f"ingredient {ingredient.name}: cannot restore {ingredient.path}: "
-                       f"{checkpoint.describe(e)}") from e
-  with np.load(ingredient.path, allow_pickle=False) as npz:
-    def read(key_path, leaf):
-      array = npz[trees.path_str(key_path)]  # One leaf on the host at a time.
-      return jax.make_array_from_callback(leaf.shape, leaf.sharding, lambda index: array[index])
-    return jax.tree_util.tree_map_with_path(read, abstract)
+  """Reads one ingredient into the shardings of `abstract`; errors name the ingredient."""
+  if ingredient.is_npz:
+    return _restore_npz(ingredient, abstract)
+  return _restore_orbax(ingredient, abstract)
+
+
+def _malloc_trim():
+  """glibc's `malloc_trim`, or None where the C library has none."""
+  try:
+    return ctypes.CDLL(None).malloc_trim
+  except (OSError, AttributeError):
+    return None
+
+
+# orbax's reads allocate whole arrays on tensorstore's threads; glibc keeps what they free
+# in per-thread arenas, and fragments, so without a trim RSS creeps up with every ingredient.
+_MALLOC_TRIM = _malloc_trim()
+
+
+class Prefetcher:
+  """Yields `(ingredient, restore(ingredient))` in order, reading ahead on a background thread.
+
+  Reading starts when the Prefetcher is made, so the caller's own set-up (a
+  compile) overlaps the first reads; afterwards the read of ingredient i+1
+  overlaps the caller's work on ingredient i. Memory stays flat in N: the
+  caller must be done with an ingredient (its references dropped, its
+  computations finished) when it asks for the next one, and at most `ahead`
+  ingredients are read beyond the one it holds. A failed read is raised on
+  the caller's thread when it reaches that ingredient, as `restore` raised it
+  (naming the ingredient); nothing after it is read. Use it as a context
+  manager, or call `close()`, so a caller that stops early stops the reader.
+  """
+
+  def __init__(self, ingredients, restore_fn, ahead=1):
+    if ahead < 1:
+      raise ValueError(f"ahead={ahead}: read at least one ingredient ahead")
+    self._ingredients = list(ingredients)
+    self._restore = restore_fn
+    self._slots = threading.Semaphore(ahead + 1)  # The caller's ingredient and `ahead` more.
+    self._ready = queue.Queue()
+    self._closed = threading.Event()
+    self._taken = 0
+    self._thread = threading.Thread(target=self._read_all, name="soup-prefetch", daemon=True)
+    self._thread.start()
+
+  def _read_all(self):
+    for ingredient in self._ingredients:
+      self._slots.acquire()
+      if self._closed.is_set():
+        return
+      if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)  # Returns to the OS what the previous ingredient freed.
+      try:
+        tree = self._restore(ingredient)
+      except BaseException as e:  # pylint: disable=broad-except  Raised on the caller's thread.
+        self._ready.put((ingredient, None, e))
+        return
+      self._ready.put((ingredient, tree, None))
+      del tree
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._taken:
+      self._slots.release()  # The caller is done with the previous ingredient.
+    if self._taken == len(self._ingredients) or self._closed.is_set():
+      raise StopIteration
+    ingredient, tree, error = self._ready.get()
+    self._taken += 1
+    if error is not None:
+      self.close()
+      raise error
+    return ingredient, tree
+
+  def close(self):
+    """Stops reading ahead and waits for a read in progress to end."""
+    self._closed.set()
+    self._slots.release()  # Wakes a reader waiting for a slot.
+    self._thread.join()
+    while not self._ready.empty():
+      self._ready.get_nowait()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.close()

@@ -1,0 +1,337 @@
+r"""Soup step speed and memory for N ingredients, against the disk and a plain numpy loop.
+
+For each ingredient format (.npz, orbax), page-cache state (cold, warm) and
+N, three measurements, each in a fresh subprocess (so peak RSS is its own):
+  raw read   read the ingredients' files, 16 MiB at a time: the bandwidth of
+             the disk (cold) or of the page cache (warm) in this same run;
+  numpy      the paper's loop: load each checkpoint whole on the host
+             (`np.load`; orbax restored to numpy), add it to a float32 sum,
+             divide;
+  stockpot   the soup step's averaging: `ingredients.check_compatible` (the
+             metadata check), then `averaging.average` into a float32 sum
+             sharded over --devices CPU devices.
+Reported: wall time (the median of --repeats interleaved runs), peak RSS
+(their largest), and each loop's read rate as a fraction of the raw read's
+(bytes are the same files', so the fraction is raw s / loop s). Wall time
+excludes imports and the mesh; stockpot's includes its metadata check (also
+shown alone, "check") and its XLA compiles.
+
+Ingredients are written as runs write them: `.npz` with
+`train.pretrained.save_npz` (a run's `final/<weights>.npz`), orbax with
+`train.checkpoint.save` into a run directory (`checkpoints/1/params`,
+replicated as the trainer's default `param_sharding` saves it; only the
+`params` item, the one read), found through `ingredients.from_paths` as
+run directories, the sweep path. Every ingredient is the same random normal
+ViT-`--variant` plus its own offset: like trained weights, their mantissas
+barely compress (orbax's zstd saves ~7%).
+
+Cold cache: `sync` then `echo 3 > /proc/sys/vm/drop_caches` before each
+measurement (root only); without root, `posix_fadvise(DONTNEED)` on every
+ingredient file, which evicts their clean pages. The method used is printed
+and recorded. This empties the guest's page cache only: on a virtual machine
+the host may still cache the disk. Warm cache: the files are read once,
+untimed, first. The 1-minute load average is printed before and after: on a
+shared machine, compare rows of one run, not runs.
+
+  python -m bench.soup_step --variant=S/16 --counts=2,8,32 --repeats=3 \
+      --data_dir=/tmp/soup_bench --out=bench/results/soup_step.json
+"""
+
+import importlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+FORMATS = ("npz", "orbax")
+CACHES = ("cold", "warm")
+KINDS = ("raw", "numpy", "stockpot")
+
+_VARIANT = flags.DEFINE_string("variant", "S/16",
+                               "ViT variant whose parameter shapes the ingredients have.")
+_COUNTS = flags.DEFINE_list("counts", ["2", "8", "32"], "Numbers of ingredients.")
+_FORMATS = flags.DEFINE_list("formats", list(FORMATS), f"Ingredient formats, of {FORMATS}.")
+_CACHES = flags.DEFINE_list("caches", list(CACHES), f"Page-cache states, of {CACHES}.")
+_DEVICES = flags.DEFINE_integer("devices", 8, "Fake CPU devices for the sharded soup.")
+_REPEATS = flags.DEFINE_integer(
+    "repeats", 1, "Measurements of each kind per row, interleaved; the median time is "
+    "reported, and the largest peak RSS.")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", "", "Where the ingredients are written (and reused by a later run); "
+    "default: a temporary directory, deleted at the end.")
+_OUT = flags.DEFINE_string("out", "", "Where to write the JSON results.")
+_WORKER = flags.DEFINE_string("worker", "",
+                              "Internal: run one measurement, of raw, numpy, stockpot.")
+_FORMAT = flags.DEFINE_string("format", "npz", "Internal: the worker's ingredient format.")
+
+DROP_CACHES = "/proc/sys/vm/drop_caches"
+
+
+def _shapes(variant):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from train import trees  # pylint: disable=g-import-not-at-top
+  from train import vit  # pylint: disable=g-import-not-at-top
+  model = vit.build_model(ml_collections.ConfigDict(dict(
+      variant=variant, pool_type="tok", dropout=0.0, dtype="float32", ssf=False)), 1000)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
+  return {k: v.shape for k, v in trees.flatten(abstract["params"]).items()}
+
+
+def _ingredient_paths(directory, fmt, count):
+  """Ingredient i: `<dir>/npz/ingredientNNN.npz` or the run directory `<dir>/orbax/runNNN`."""
+  if fmt == "npz":
+    return [os.path.join(directory, "npz", f"ingredient{i:03d}.npz") for i in range(count)]
+  return [os.path.join(directory, "orbax", f"run{i:03d}") for i in range(count)]
+
+
+def _files(path):
+  """The files a soup reads for one ingredient: the .npz, or the run's `params` orbax item."""
+  if path.endswith(".npz"):
+    return [path]
+  item = os.path.join(path, "checkpoints", "1", "params")
+  return sorted(os.path.join(root, name) for root, _, names in os.walk(item) for name in names)
+
+
+def _write_ingredients(directory, fmt, count, shapes):
+  """Writes the missing ones of `count` ingredients, as runs write them."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from train import checkpoint  # pylint: disable=g-import-not-at-top
+  from train import pretrained  # pylint: disable=g-import-not-at-top
+  from train import sharding  # pylint: disable=g-import-not-at-top
+  from train import trees  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  base = None
+  for i, path in enumerate(_ingredient_paths(directory, fmt, count)):
+    done = path if fmt == "npz" else os.path.join(path, "results.json")
+    if os.path.exists(done):
+      continue
+    if base is None:
+      base = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    weights = {k: v + np.float32(0.01 * i) for k, v in base.items()}
+    if fmt == "npz":
+      pretrained.save_npz(path, weights)
+      continue
+    mesh = sharding.make_mesh((("data", -1),))
+    params = jax.device_put(trees.unflatten(weights), sharding.replicated(mesh))
+    manager = checkpoint.make_manager(path)
+    checkpoint.save(manager, 1, {"params": params}, force=True)
+    checkpoint.wait_until_written(manager)
+    manager.close()
+    # What makes `path` a finished run for `ingredients.from_paths` (its config is not read here).
+    with open(os.path.join(path, "config.json"), "w") as f:
+      json.dump({"bench": "soup_step"}, f)
+    with open(os.path.join(path, "results.json"), "w") as f:
+      json.dump({}, f)
+  subprocess.run(["sync"], check=True)  # Dirty pages would survive a cache drop.
+
+
+def _cache_drop_method():
+  """'drop_caches' when this process may write it, else 'fadvise' (per-file eviction)."""
+  try:
+    with open(DROP_CACHES, "w") as f:
+      f.write("3\n")
+    return "drop_caches"
+  except OSError:
+    return "fadvise"
+
+
+def _drop_cache(method, files):
+  subprocess.run(["sync"], check=True)
+  if method == "drop_caches":
+    with open(DROP_CACHES, "w") as f:
+      f.write("3\n")
+    return
+  for path in files:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+      os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+      os.close(fd)
+
+
+def _read_files(files):
+  buffer = bytearray(1 << 24)
+  for path in files:
+    with open(path, "rb", buffering=0) as f:
+      while f.readinto(buffer):
+        pass
+
+
+def _numpy_loop(fmt, paths):
+  """The paper's loop: each checkpoint whole on the host, summed in float32, divided."""
+  total = None
+  for path in paths:
+    if fmt == "npz":
+      with np.load(path) as npz:
+        weights = {k: npz[k] for k in npz.files}
+    else:
+      weights = _orbax_to_numpy(path)
+    total = weights if total is None else {k: total[k] + weights[k] for k in total}
+  for value in total.values():
+    value /= len(paths)  # The mean, in place, as the paper's loop computes it.
+  return total
+
+
+def _orbax_to_numpy(run_dir):
+  """A run's `params` orbax item, every array whole in host memory (orbax's public API)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from train import checkpoint  # pylint: disable=g-import-not-at-top
+  from train import trees  # pylint: disable=g-import-not-at-top
+  item = os.path.join(os.path.abspath(run_dir), "checkpoints", "1", "params")
+  meta = checkpoint.item_metadata(item)
+  restore_args = jax.tree.map(
+      lambda m: ocp.RestoreArgs(restore_type=np.ndarray, dtype=m.dtype), meta)
+  tree = ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
+      item=jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta),
+      restore_args=restore_args))
+  return dict(trees.flatten(tree))
+
+
+def _stockpot(paths):
+  """The soup step's averaging, from the metadata check to the mean on the devices.
+
+  Returns (start, seconds the metadata check took).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from soups import averaging  # pylint: disable=g-import-not-at-top
+  from soups import ingredients as ingredients_lib  # pylint: disable=g-import-not-at-top
+  from soups import soup_step  # pylint: disable=g-import-not-at-top
+  from train import sharding  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh((("data", -1),))
+  start = time.perf_counter()
+  ingredients = ingredients_lib.from_paths(paths, "params")
+  abstract = ingredients_lib.abstract_params(
+      ingredients_lib.check_compatible(ingredients),
+      lambda tree: sharding.tree_shardings(mesh, tree, soup_step.SOUP_SHARDING))
+  checked = time.perf_counter()
+  soup = averaging.average(ingredients, lambda i: ingredients_lib.restore(i, abstract), abstract)
+  jax.block_until_ready(soup)
+  return start, checked - start
+
+
+def _worker(kind, fmt, paths):
+  start, out = time.perf_counter(), {}
+  if kind == "raw":
+    _read_files([f for p in paths for f in _files(p)])
+  elif kind == "numpy":
+    if fmt == "orbax":  # Imports outside the clock, as for stockpot.
+      importlib.import_module("orbax.checkpoint")
+      start = time.perf_counter()
+    _numpy_loop(fmt, paths)
+  else:
+    start, out["check_seconds"] = _stockpot(paths)
+  out["seconds"] = time.perf_counter() - start
+  out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  print(json.dumps(out))
+
+
+def _measure(kind, fmt, directory, count):
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={_DEVICES.value}",
+         "TF_CPP_MIN_LOG_LEVEL": "2"}
+  proc = subprocess.run(
+      [sys.executable, "-m", "bench.soup_step", f"--worker={kind}", f"--format={fmt}",
+       f"--data_dir={directory}", f"--counts={count}"],
+      env=env, capture_output=True, text=True)
+  if proc.returncode:
+    raise RuntimeError(f"{kind} worker ({fmt}, N={count}) failed:\n{proc.stderr[-3000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _run(directory, shapes):
+  method = _cache_drop_method() if "cold" in _CACHES.value else None
+  if method == "fadvise":
+    print(f"cold cache: cannot write {DROP_CACHES} (not root); evicting the ingredient files "
+          "with posix_fadvise(DONTNEED) instead", flush=True)
+  rows = []
+  for fmt in _FORMATS.value:
+    for count in map(int, _COUNTS.value):
+      _write_ingredients(directory, fmt, count, shapes)
+      paths = _ingredient_paths(directory, fmt, count)
+      files = [f for p in paths for f in _files(p)]
+      for cache in _CACHES.value:
+        row = {"format": fmt, "cache": cache, "n": count,
+               "bytes": sum(os.path.getsize(f) for f in files)}
+        runs = {kind: [] for kind in KINDS}
+        for _ in range(_REPEATS.value):  # Interleaved, so a change of load hits every kind.
+          for kind in KINDS:
+            if cache == "cold":
+              _drop_cache(method, files)
+            else:
+              _read_files(files)
+            runs[kind].append(_measure(kind, fmt, directory, count))
+        for kind, measured in runs.items():
+          row[kind] = {"seconds": float(np.median([m["seconds"] for m in measured])),
+                       "peak_rss_mb": max(m["peak_rss_mb"] for m in measured),
+                       "all_seconds": [m["seconds"] for m in measured]}
+          if kind == "stockpot":
+            row[kind]["check_seconds"] = float(np.median([m["check_seconds"] for m in measured]))
+        for kind in ("numpy", "stockpot"):
+          row[f"{kind}_fraction_of_raw_read"] = row["raw"]["seconds"] / row[kind]["seconds"]
+        print(f"  {fmt} {cache} N={count}: raw {row['raw']['seconds']:.2f} s, numpy "
+              f"{row['numpy']['seconds']:.2f} s, stockpot {row['stockpot']['seconds']:.2f} s",
+              flush=True)
+        rows.append(row)
+  return method, rows
+
+
+def _print_table(rows, model_mb, method):
+  print(f"\nViT-{_VARIANT.value}: {model_mb:,.0f} MB of float32 weights per ingredient; stockpot "
+        f"on {_DEVICES.value} CPU devices; {os.cpu_count()} CPU cores"
+        + (f"; cold cache by {method}" if method else ""))
+  print(f"{'format':>6} {'cache':>5} {'N':>3} {'GB':>5} {'raw s':>6} {'raw MB/s':>8} "
+        f"{'numpy s':>7} {'÷ raw':>6} {'stockpot s':>10} {'(check)':>7} {'÷ raw':>6} "
+        f"{'numpy RSS MB':>12} {'stockpot RSS MB':>15}")
+  for r in rows:
+    print(f"{r['format']:>6} {r['cache']:>5} {r['n']:>3} {r['bytes'] / 1e9:>5.2f} "
+          f"{r['raw']['seconds']:>6.2f} {r['bytes'] / 1e6 / r['raw']['seconds']:>8,.0f} "
+          f"{r['numpy']['seconds']:>7.2f} {r['numpy_fraction_of_raw_read']:>6.0%} "
+          f"{r['stockpot']['seconds']:>10.2f} {r['stockpot']['check_seconds']:>7.2f} "
+          f"{r['stockpot_fraction_of_raw_read']:>6.0%} "
+          f"{r['numpy']['peak_rss_mb']:>12,.0f} {r['stockpot']['peak_rss_mb']:>15,.0f}")
+
+
+def main(argv):
+  del argv
+  if _WORKER.value:
+    _worker(_WORKER.value, _FORMAT.value,
+            _ingredient_paths(_DATA_DIR.value, _FORMAT.value, int(_COUNTS.value[0])))
+    return
+  for name, values, known in (("formats", _FORMATS.value, FORMATS),
+                               ("caches", _CACHES.value, CACHES)):
+    if set(values) - set(known):
+      raise app.UsageError(f"--{name}={','.join(values)}: known are {','.join(known)}")
+  # Before jax is imported: the orbax ingredients are saved from --devices devices.
+  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={_DEVICES.value}"
+  shapes = _shapes(_VARIANT.value)
+  model_mb = sum(int(np.prod(s)) for s in shapes.values()) * 4 / 2**20
+  load_before = os.getloadavg()
+  if _DATA_DIR.value:
+    os.makedirs(_DATA_DIR.value, exist_ok=True)
+    method, rows = _run(_DATA_DIR.value, shapes)
+  else:
+    with tempfile.TemporaryDirectory(prefix="soup_bench_") as directory:
+      method, rows = _run(directory, shapes)
+  _print_table(rows, model_mb, method)
+  load_after = os.getloadavg()
+  print(f"1-minute load average {load_before[0]:.1f} before, {load_after[0]:.1f} after "
+        f"({os.cpu_count()} cores): above the core count, other work shared the CPU")
+  if _OUT.value:
+    from train import files  # pylint: disable=g-import-not-at-top
+    files.write_json_atomic(_OUT.value, {
+        "variant": _VARIANT.value, "model_mb": model_mb, "devices": _DEVICES.value,
+        "cpu_count": os.cpu_count(), "cold_cache_method": method,
+        "load_average_before_after": [load_before[0], load_after[0]], "rows": rows})
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,246 @@
+"""Reading soup ingredients fast: the .npz reader, orbax restores, read-ahead, bounded memory."""
+
+import json
+import os
+import struct
+import threading
+import weakref
+import zipfile
+
+import jax
+import numpy as np
+import pytest
+
+from soups import averaging
+from soups import ingredients as ingredients_lib
+from soups import soup_step
+from train import checkpoint
+from train import pretrained
+from train import sharding
+from train import trees
+
+SHAPES = {"embedding/kernel": (4, 4, 1, 32), "head/kernel": (32, 5), "head/bias": (5,),
+          "Transformer/encoder_norm/scale": (32,)}
+
+
+def _tree(seed, shapes=SHAPES):
+  rng = np.random.default_rng(seed)
+  return {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+
+
+def _npz(tmp_path, flat_trees):
+  paths = []
+  for i, tree in enumerate(flat_trees):
+    paths.append(str(tmp_path / f"run{i}.npz"))
+    pretrained.save_npz(paths[-1], tree)
+  return ingredients_lib.from_paths(paths, "params")
+
+
+def _abstract(ingredients):
+  mesh = sharding.make_mesh((("data", -1),))
+  return ingredients_lib.abstract_params(
+      ingredients_lib.check_compatible(ingredients),
+      lambda tree: sharding.tree_shardings(mesh, tree, soup_step.SOUP_SHARDING))
+
+
+def _mean_in_order(flat_trees):
+  """The float32 sum in ingredient order, divided: exactly what the soup computes."""
+  total = {k: v.copy() for k, v in flat_trees[0].items()}
+  for tree in flat_trees[1:]:
+    total = {k: total[k] + tree[k] for k in total}
+  return {k: v / np.float32(len(flat_trees)) for k, v in total.items()}
+
+
+def _assert_tree_equal(got, expected):
+  got = trees.flatten(sharding.to_host(got))
+  assert sorted(got) == sorted(expected)
+  for key, value in expected.items():
+    np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+def test_npz_reader_matches_np_load_for_every_member_layout(tmp_path):
+  """Stored and deflated members, Fortran order, 0-d, float16, int32: as `np.load` reads them."""
+  tree = {"a/kernel": np.asfortranarray(np.arange(48, dtype=np.float32).reshape(6, 8)),
+          "a/bias": np.arange(8, dtype=np.float16), "b/step": np.array(7, np.int32),
+          "b/scale": np.linspace(-1, 1, 16, dtype=np.float32)}
+  stored = tmp_path / "stored.npz"
+  pretrained.save_npz(str(stored), tree)
+  deflated = tmp_path / "deflated.npz"
+  np.savez_compressed(deflated, **tree)
+  for path in (stored, deflated):
+    ingredients = ingredients_lib.from_paths([str(path)], "params")
+    abstract = _abstract(ingredients)
+    restored = ingredients_lib.restore(ingredients[0], abstract)
+    _assert_tree_equal(restored, tree)
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(abstract)):
+      assert got.sharding == want.sharding and got.dtype == want.dtype
+
+
+def _save_orbax_run(run_dir, params, mesh):
+  """A finished run as the trainer leaves it: orbax `params` (replicated), config and results."""
+  manager = checkpoint.make_manager(str(run_dir))
+  checkpoint.save(manager, 1, {"params": jax.device_put(trees.unflatten(params),
+                                                        sharding.replicated(mesh))}, force=True)
+  checkpoint.wait_until_written(manager)
+  manager.close()
+  (run_dir / "config.json").write_text(json.dumps({}))
+  (run_dir / "results.json").write_text(json.dumps({}))
+
+
+def test_orbax_ingredients_average_to_the_numpy_mean_exactly(tmp_path):
+  flat_trees = [_tree(i) for i in range(3)]
+  mesh = sharding.make_mesh((("data", -1),))
+  for i, tree in enumerate(flat_trees):
+    _save_orbax_run(tmp_path / f"run{i}", tree, mesh)
+  ingredients = ingredients_lib.from_paths([str(tmp_path / f"run{i}") for i in range(3)],
+                                           "params")
+  abstract = _abstract(ingredients)
+  restored = ingredients_lib.restore(ingredients[1], abstract)
+  _assert_tree_equal(restored, flat_trees[1])
+  assert jax.tree.leaves(restored)[0].sharding == jax.tree.leaves(abstract)[0].sharding
+  soup = averaging.average(ingredients, lambda i: ingredients_lib.restore(i, abstract), abstract)
+  _assert_tree_equal(soup, _mean_in_order(flat_trees))
+
+
+# orbax leaves tensorstore callbacks behind a failed restore ("Event loop is closed").
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_orbax_ingredient_with_missing_data_is_named(tmp_path):
+  mesh = sharding.make_mesh((("data", -1),))
+  _save_orbax_run(tmp_path / "good", _tree(0), mesh)
+  _save_orbax_run(tmp_path / "broken", _tree(1), mesh)
+  ingredients = ingredients_lib.from_paths([str(tmp_path / "good"), str(tmp_path / "broken")],
+                                           "params")
+  abstract = _abstract(ingredients)  # The metadata is intact...
+  item = tmp_path / "broken" / "checkpoints" / "1" / "params"
+  for root, _, names in os.walk(item):  # ...the arrays' data files are gone.
+    if os.path.basename(root) == "d":
+      for name in names:
+        os.remove(os.path.join(root, name))
+  with pytest.raises(ValueError,
+                     match=r"ingredient broken: cannot restore .*broken/checkpoints/1/params"):
+    averaging.average(ingredients, lambda i: ingredients_lib.restore(i, abstract), abstract)
+
+
+class _Weights:
+  """A stand-in for a restored tree that knows how many of its kind are alive."""
+
+  def __init__(self, index, alive):
+    self.index = index
+    with alive["lock"]:
+      alive["count"] += 1
+    weakref.finalize(self, _drop, alive)
+
+
+def _drop(alive):
+  with alive["lock"]:
+    alive["count"] -= 1
+
+
+@pytest.mark.parametrize("ahead", [1, 2])
+def test_prefetcher_yields_in_order_and_reads_at_most_ahead(ahead):
+  names = [f"ing{i}" for i in range(6)]
+  alive = {"count": 0, "lock": threading.Lock(), "most_at_read": 0}
+  started = {name: threading.Event() for name in names}
+
+  def restore(name):
+    with alive["lock"]:
+      alive["most_at_read"] = max(alive["most_at_read"], alive["count"])
+    started[name].set()
+    return _Weights(names.index(name), alive)
+
+  seen = []
+  with ingredients_lib.Prefetcher(names, restore, ahead) as stream:
+    for name, weights in stream:
+      seen.append((name, weights.index))
+      i = names.index(name)
+      if i + ahead < len(names):  # Let the reader go as far ahead as it may.
+        assert started[names[i + ahead]].wait(timeout=60)
+      del weights
+  assert seen == [(name, i) for i, name in enumerate(names)]
+  # When a read starts, the caller's ingredient and at most ahead - 1 more are alive.
+  assert alive["most_at_read"] <= ahead
+  assert alive["count"] == 0
+
+
+def test_prefetcher_closed_early_stops_reading():
+  calls = []
+  read = lambda i: calls.append(i) or i
+  with ingredients_lib.Prefetcher(list(range(10)), read, ahead=1) as stream:
+    assert next(stream) == (0, 0)
+  assert calls in ([0], [0, 1])  # The held ingredient and at most one ahead; then it stops.
+  with pytest.raises(ValueError, match="ahead=0"):
+    ingredients_lib.Prefetcher([], lambda i: i, ahead=0)
+
+
+def _flip_last_data_byte(path, member):
+  """Corrupts one weight of `member` in place; the zip and .npy headers stay valid."""
+  with zipfile.ZipFile(path) as archive:
+    info = archive.getinfo(member)
+  with open(path, "r+b") as f:
+    f.seek(info.header_offset)
+    name_length, extra_length = struct.unpack("<2H", f.read(30)[26:30])
+    f.seek(info.header_offset + 30 + name_length + extra_length + info.file_size - 1)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 0x01]))
+
+
+def test_a_failed_prefetched_read_is_raised_in_order_naming_the_ingredient(tmp_path):
+  shapes = {**SHAPES, "Transformer/encoderblock_0/kernel": (64, 256)}  # Past the header reads.
+  ingredients = _npz(tmp_path, [_tree(i, shapes) for i in range(4)])
+  _flip_last_data_byte(ingredients[2].path, "Transformer/encoderblock_0/kernel.npy")
+  abstract = _abstract(ingredients)  # Headers intact: the metadata check passes.
+  reads = []
+
+  def restore(ingredient):
+    reads.append(ingredient.name)
+    return ingredients_lib.restore(ingredient, abstract)
+
+  yielded = []
+  message = (r"ingredient run2: cannot read .*run2.npz: member "
+             r"Transformer/encoderblock_0/kernel.npy is corrupt \(CRC-32 mismatch\)")
+  with pytest.raises(ValueError, match=message):
+    with ingredients_lib.Prefetcher(ingredients, restore, ahead=1) as stream:
+      for ingredient, _ in stream:
+        yielded.append(ingredient.name)
+  assert yielded == ["run0", "run1"]
+  assert reads == ["run0", "run1", "run2"]  # Nothing after the failed read.
+  with pytest.raises(ValueError, match=message):
+    averaging.average(ingredients, lambda i: ingredients_lib.restore(i, abstract), abstract)
+
+
+def test_average_holds_at_most_the_sum_and_two_ingredients(tmp_path, monkeypatch):
+  """Counts live device arrays whenever a read starts: the sum and one ingredient, any N."""
+  shapes = {f"block{i}/kernel": (8, 16) for i in range(12)}
+  flat_trees = [_tree(i, shapes) for i in range(6)]
+  ingredients = _npz(tmp_path, flat_trees)
+  abstract = _abstract(ingredients)
+  leaves = len(jax.tree.leaves(abstract))
+  baseline = len(jax.live_arrays())
+  at_read = []
+  read = {i.name: threading.Event() for i in ingredients}
+
+  def restore(ingredient):
+    at_read.append(len(jax.live_arrays()) - baseline)
+    tree = ingredients_lib.restore(ingredient, abstract)
+    read[ingredient.name].set()
+    return tree
+
+  add = averaging.RunningSum.add
+  added = []
+
+  def slow_add(self, tree, weight=1.0):
+    """Lets the reader get as far ahead as it is allowed before each add."""
+    if len(added) + 1 < len(ingredients):
+      assert read[ingredients[len(added) + 1].name].wait(timeout=60)
+    added.append(True)
+    add(self, tree, weight)
+
+  monkeypatch.setattr(averaging.RunningSum, "add", slow_add)
+  soup = averaging.average(ingredients, restore, abstract)
+  _assert_tree_equal(soup, _mean_in_order(flat_trees))
+  # A read starts while at most the running sum and the ingredient being added are alive
+  # (the one it reads is the second); a weight scalar or two may be alive too.
+  assert max(at_read) <= 2 * leaves + 2, (at_read, leaves)
+  with pytest.raises(ValueError, match="3 weights for 6 ingredients"):
+    averaging.average(ingredients, restore, abstract, weights=[1.0, 2.0, 3.0])
