@@ -11,7 +11,7 @@ FMNIST_DEB := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 FMNIST_TFDS := $(TFDS_DATA_DIR)/fashion_mnist/3.0.1/dataset_info.json
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-fast deps data clean-demo
+.PHONY: demo test test-fast deps data bench-train clean-demo
 
 demo: data
 	$(PY) -m launch.demo --out=runs/demo
@@ -37,6 +37,18 @@ $(VENV)/.installed: requirements.txt
 
 $(FMNIST_TFDS): | $(VENV)/.installed $(FMNIST_DEB)
 	$(PY) -m train.packaged_data --data_dir=$(TFDS_DATA_DIR)
+
+# The trainer benchmark's PyTorch peer lives in its own venv: stockpot never imports torch.
+BENCH_VENV := .venv-bench
+
+$(BENCH_VENV)/.installed: bench/requirements-peer.txt
+	[ -x $(BENCH_VENV)/bin/python ] || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet -r bench/requirements-peer.txt
+	touch $@
+
+bench-train: deps $(BENCH_VENV)/.installed
+	$(PY) -m bench.train_throughput --peer_python=$(BENCH_VENV)/bin/python \
+	  --out=bench/results/train_throughput.json
 
 clean-demo:
 	rm -rf runs/demo
