@@ -16,11 +16,16 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 demo: data
 	$(PY) -m launch.demo --out=runs/demo
 
+# Two pytest-xdist workers, whole files each (files share session fixtures): most
+# tests wait on process starts and compiles, so two keep both cores busy.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+
 test: data
-	$(PY) -m pytest tests
+	$(PYTEST) tests
 
 test-fast: data
-	$(PY) -m pytest tests -m "not slow"
+	$(PYTEST) tests -m "not slow"
 
 deps: $(VENV)/.installed $(FMNIST_DEB)
 

@@ -23,9 +23,18 @@ import pytest  # pylint: disable=g-import-not-at-top
 from tests.helpers import run_module  # pylint: disable=g-import-not-at-top
 
 
-def pytest_sessionfinish():
-  if _XLA_CACHE:
+def pytest_sessionfinish(session):
+  worker_output = getattr(session.config, "workeroutput", None)
+  if worker_output is not None:  # A pytest-xdist worker: hand its tally to the controller.
+    worker_output["reliability"] = _RELIABILITY.to_dict()
+  if _XLA_CACHE:  # Only in the process that made it (the controller under xdist).
     shutil.rmtree(_XLA_CACHE, ignore_errors=True)
+
+
+def pytest_testnodedown(node, error):
+  """pytest-xdist: adds a finished worker's reliability tally to this (the controller's)."""
+  del error
+  _RELIABILITY.merge(getattr(node, "workeroutput", {}).get("reliability"))
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +70,15 @@ class Reliability:
 
   def bad_input(self, kind, message):
     self.bad_inputs.append((kind, message))
+
+  def to_dict(self):
+    return {"faults": self.faults, "bad_inputs": self.bad_inputs}
+
+  def merge(self, tally):
+    """Adds another process's `to_dict()` (None: nothing) to this one."""
+    for kind, (injected, survived) in (tally or {}).get("faults", {}).items():
+      self.record(kind, injected, survived)
+    self.bad_inputs.extend(tuple(item) for item in (tally or {}).get("bad_inputs", []))
 
 
 _RELIABILITY = Reliability()
