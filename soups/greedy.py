@@ -14,6 +14,7 @@ decision; the journal records the batches evaluated. The counts are global
 same decision.
 """
 
+import contextlib
 import json
 import os
 
@@ -53,12 +54,13 @@ def count_correct(evaluator, params, needed=None):
   """
   correct = seen = batches = 0
   total = len(evaluator.split)
-  for sums in evaluator.batch_sums(params):
-    correct += int(round(float(sums["correct"])))
-    seen += int(round(float(sums["count"])))
-    batches += 1
-    if needed is not None and correct + (total - seen) < needed:
-      return correct, seen, batches, True
+  with contextlib.closing(evaluator.batch_sums(params)) as batch_sums:  # Closed here if stopped.
+    for sums in batch_sums:
+      correct += int(round(float(sums["correct"])))
+      seen += int(round(float(sums["count"])))
+      batches += 1
+      if needed is not None and correct + (total - seen) < needed:
+        return correct, seen, batches, True
   return correct, seen, batches, False
 
 

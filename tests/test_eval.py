@@ -115,6 +115,36 @@ def test_a_small_split_is_read_once_then_served_from_memory(data_dir, tmp_path):
     uncached.evaluate(params)  # Reads the split again, through tf.data, which wraps the error.
 
 
+def test_a_split_too_big_for_the_cache_is_not_read_past_an_early_stop(data_dir, tmp_path,
+                                                                      monkeypatch):
+  config = _run_config(tmp_path, **{"input.data_dir": data_dir, "input.test_split": "test[:300]"})
+  _, evaluators, (params,) = _setup(config, batch_size=64)
+  pulled = []  # Bytes of each host batch the evaluator took from the input pipeline.
+  read = data.eval_batches
+
+  def counted(*args, **kwargs):
+    for batch in read(*args, **kwargs):
+      pulled.append(sum(batch[k].nbytes for k in ("image", "labels", "mask")))
+      yield batch
+
+  monkeypatch.setattr(data, "eval_batches", counted)
+  uncached = evaluators.split("test")
+  uncached.cache_bytes = 0
+  expected = uncached.evaluate(params)
+  num_batches = uncached.num_batches()
+  assert len(pulled) == num_batches >= 3 and len(set(pulled)) == 1  # Padded to equal batches.
+  evaluator = evaluators.split("test")
+  evaluator.cache_bytes = int(1.5 * pulled[0])
+  for batches_read in (2, 1):  # Read on until the cache overflows, then never past the stop.
+    pulled.clear()
+    stopped = evaluator.batch_sums(params)
+    next(stopped)
+    stopped.close()
+    assert len(pulled) == batches_read
+  pulled.clear()
+  assert evaluator.evaluate(params) == expected and len(pulled) == num_batches
+
+
 def test_ensemble_of_one_is_its_accuracy_and_of_two_the_mean_of_logits(data_dir, tmp_path):
   config = _run_config(tmp_path, **{"input.data_dir": data_dir})
   model, evaluators, (a, b) = _setup(config, batch_size=64, seeds=(0, 5))

@@ -6,10 +6,13 @@ correct when its top-1 class has a positive target (`labels[argmax] > 0`),
 which also scores multi-label splits such as ImageNet-ReaL.
 
 A split whose preprocessed examples fit in `CACHE_BYTES` is kept on the host
-after its first pass (a pass stopped early is read to the end into the cache,
-without forward passes): the soup step evaluates the same splits dozens of
-times, and decoding and shifting images then costs more than the forward pass.
+after its first pass (a pass stopped early is read on into the cache, without
+forward passes, until the split is complete or turns out too big): the soup
+step evaluates the same splits dozens of times, and decoding and shifting
+images then costs more than the forward pass.
 """
+
+import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +50,7 @@ class SplitAccuracy:
     full pass when they take at most this much (0: never).
     """
     self.mesh, self.split, self.preprocess_fn = mesh, split, preprocess_fn
-    self.cache_bytes, self._cached = cache_bytes, None
+    self.cache_bytes, self._cached, self._too_big = cache_bytes, None, False
     # Rounded up to split evenly over the devices; padding absorbs the difference.
     self.batch_size = -(-batch_size // mesh.size) * mesh.size
     self.num_threads = num_threads
@@ -72,11 +75,11 @@ class SplitAccuracy:
     return -(-len(self.split) // self.batch_size)
 
   def _host_batches(self):
-    """This process's batches, from the cache once a full pass has filled it."""
+    """This process's batches, from the cache once a pass has filled it."""
     if self._cached is not None:
       yield from self._cached
       return
-    kept, size = [], 0
+    kept, size = (None if self._too_big else []), 0
 
     def keep(host_batch):
       nonlocal kept, size
@@ -84,7 +87,7 @@ class SplitAccuracy:
       if size <= self.cache_bytes:
         kept.append(host_batch)
       else:
-        kept = None
+        kept, self._too_big = None, True  # Later passes neither keep nor read ahead.
 
     source = (
         {k: b[k] for k in ("image", "labels", "mask")}
@@ -98,18 +101,24 @@ class SplitAccuracy:
           keep(host_batch)
         yield host_batch
     except GeneratorExit:
-      # A pass stopped early (greedy's early abort) still completes a cacheable
-      # split's cache, so that the next pass does not decode the split again.
-      for host_batch in source if kept is not None else ():
+      # A pass stopped early (greedy's early abort) still completes the cache of
+      # a split that fits, so that the next pass does not decode it again; the
+      # reading stops as soon as the split turns out not to fit.
+      while kept is not None and (host_batch := next(source, None)) is not None:
         keep(host_batch)
       self._cached = kept
       raise
     self._cached = kept  # None when the split does not fit.
 
   def global_batches(self):
-    """The split once, as padded global batches {'image', 'labels', 'mask'} on the mesh."""
-    for host_batch in self._host_batches():
-      yield sharding.to_global(host_batch, self.batch_sharding)
+    """The split once, as padded global batches {'image', 'labels', 'mask'} on the mesh.
+
+    Closing it early closes the host pass at once (errors of its read-ahead
+    raised there), not whenever the garbage collector gets to it.
+    """
+    with contextlib.closing(self._host_batches()) as host_batches:
+      for host_batch in host_batches:
+        yield sharding.to_global(host_batch, self.batch_sharding)
 
   def batch_sums(self, params):
     """Yields {'correct', 'loss', 'count'} of each global batch in turn (replicated scalars).
@@ -117,8 +126,9 @@ class SplitAccuracy:
     Callers that can decide before the end (greedy soup's early abort) stop
     iterating; every process sees the same sums and stops at the same batch.
     """
-    for batch in self.global_batches():
-      yield self._batch_sums(params, batch)
+    with contextlib.closing(self.global_batches()) as batches:
+      for batch in batches:
+        yield self._batch_sums(params, batch)
 
   def predictions(self, params):
     """(logits, labels, mask) of the whole split on the host, scored classes only.
