@@ -25,8 +25,8 @@ What is and is not measured:
     to the end into the cache, without forward passes).
   * XLA compilation inside the timed search (`compile s`, from
     jax.monitoring) is shown beside its time, which includes it: zero for
-    the warmed-up greedy rows; the re-average row compiles a new running sum
-    in every `averaging.average` call.
+    the warmed-up greedy rows; the re-average row's running sums share one
+    set of compiled steps (`averaging._steps` is cached per tree).
   * With --naive, a third search re-averages the selected set from scratch
     for every candidate (`averaging.average` of kept + candidate, restored
     with `ingredients.restore`) and evaluates it in full: the cost of a
@@ -113,7 +113,7 @@ def _warm_up(evaluator, weights, running_sum=None):
 
   The running sum is left exactly empty: x + (-1)·x is 0 in floating point.
   """
-  evaluator.evaluate(weights)  # One full pass: a complete pass is what the cache keeps.
+  evaluator.evaluate(weights)  # One full pass fills the cache, as a first `cook`'s does.
   if running_sum is not None:
     running_sum.add(weights)
     running_sum.mean()

@@ -289,7 +289,7 @@ def _print_table(rows, model_mb, method):
         f"on {_DEVICES.value} CPU devices; {os.cpu_count()} CPU cores"
         + (f"; cold cache by {method}" if method else ""))
   print(f"{'format':>6} {'cache':>5} {'N':>3} {'GB':>5} {'raw s':>6} {'raw MB/s':>8} "
-        f"{'numpy s':>7} {'÷ raw':>6} {'stockpot s':>10} {'(check)':>7} {'÷ raw':>6} "
+        f"{'numpy s':>7} {'raw ÷':>6} {'stockpot s':>10} {'(check)':>7} {'raw ÷':>6} "
         f"{'numpy RSS MB':>12} {'stockpot RSS MB':>15}")
   for r in rows:
     print(f"{r['format']:>6} {r['cache']:>5} {r['n']:>3} {r['bytes'] / 1e9:>5.2f} "

@@ -4,9 +4,8 @@
 sharded as the target sharding says; ingredients are added one at a time and
 dropped. The add is jitted with the sum donated, so it updates in place.
 `average` reads the next ingredient on a background thread while the current
-one is added, so peak memory per device is about (sum + two ingredients) /
-devices, whatever the number of ingredients, and the disk never waits for
-the adds.
+one is added, so reads and adds overlap and peak memory per device is about
+(sum + two ingredients) / devices, whatever the number of ingredients.
 """
 
 import functools
@@ -75,7 +74,6 @@ class RunningSum:
 
   def __init__(self, abstract):
     leaves, treedef = jax.tree.flatten(abstract)
-    self.dtypes = jax.tree.map(lambda a: a.dtype, abstract)
     self.total = jax.tree.map(_zeros, abstract)
     self.weight = 0.0
     self._compiling = None
@@ -90,8 +88,7 @@ class RunningSum:
     """The weighted average, in the ingredients' dtypes."""
     if not self.weight:
       raise ValueError("the average of no ingredients is undefined")
-    if self._compiling is not None:
-      self._compiling.join()  # Its compile is cached: the call below runs it.
+    self.finish_compiles()  # The mean's compile is cached: the call below runs it.
     return self._mean(self.total, jnp.float32(self.weight))
 
   def mean_with(self, tree):
@@ -110,6 +107,11 @@ class RunningSum:
         target=lambda: self._mean.lower(total, weight).compile(), name="soup-compile", daemon=True)
     self._compiling.start()
     self._add.lower(total, abstract, weight).compile()
+
+  def finish_compiles(self):
+    """Waits for the background compile that `compile` started, if any."""
+    if self._compiling is not None:
+      self._compiling.join()
 
   def _total_abstract(self):
     return jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding),
@@ -133,10 +135,13 @@ def average(ingredients, restore, abstract, weights=None, ahead=1):
     raise ValueError(f"{len(weights)} weights for {len(ingredients)} ingredients")
   with ingredients_lib.Prefetcher(ingredients, restore, ahead) as stream:
     running = RunningSum(abstract)  # The first reads overlap these compiles.
-    running.compile(abstract)
-    for weight in weights:
-      running.add(next(stream)[1], weight)  # No reference to the ingredient outlives the add...
-      jax.block_until_ready(running.total)  # ...whose end lets the next read start.
+    try:
+      running.compile(abstract)
+      for weight in weights:
+        running.add(next(stream)[1], weight)  # No reference to the ingredient outlives the add...
+        jax.block_until_ready(running.total)  # ...whose end lets the next read start.
+    finally:
+      running.finish_compiles()  # Not left compiling while a failed read's error exits.
   return running.mean()
 
 

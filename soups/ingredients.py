@@ -145,8 +145,10 @@ def _stored_npy_header(fd, info):
   if local[0] != zipfile.stringFileHeader:
     raise ValueError(f"member {info.filename} has no zip local header at {info.header_offset}")
   start = _ZIP_LOCAL_HEADER.size + local[-2] + local[-1]  # After the name and extra field.
-  if len(prefix) < start + 12:
-    raise ValueError(f"member {info.filename} is truncated")
+  if len(prefix) < start + 12:  # A long extra field: read again, past it.
+    prefix = os.pread(fd, start + _NPY_PREFIX, info.header_offset)
+    if len(prefix) < start + 12:
+      raise ValueError(f"member {info.filename} is truncated")
   version = prefix[start + 6:start + 8]
   size_format, size_bytes = ("<H", 2) if version == b"\x01\x00" else ("<I", 4)
   header_size = 8 + size_bytes + struct.unpack_from(size_format, prefix, start + 8)[0]
@@ -172,7 +174,7 @@ def _npz_metadata(path):
             shape, _, dtype = _npy_header(member)
         out[_npz_key(info.filename)] = (shape, dtype)
       return out
-  except (zipfile.BadZipFile, ValueError, OSError, EOFError, struct.error) as e:
+  except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, struct.error) as e:
     raise ValueError(f"ingredient {path} is not a readable .npz file: {e}") from e
 
 
@@ -290,7 +292,7 @@ def _restore_npz(ingredient, abstract):
                            f"expected {tuple(leaf.shape)} {leaf.dtype}")
         placed[key] = _put(array, leaf.sharding)
         del array
-  except (zipfile.BadZipFile, ValueError, OSError, EOFError, struct.error) as e:
+  except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, struct.error) as e:
     raise ValueError(f"ingredient {ingredient.name}: cannot read {ingredient.path}: {e}") from e
   return trees.unflatten(placed)
 

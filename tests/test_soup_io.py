@@ -1,5 +1,6 @@
 """Reading soup ingredients fast: the .npz reader, orbax restores, read-ahead, bounded memory."""
 
+import io
 import json
 import os
 import struct
@@ -58,8 +59,19 @@ def _assert_tree_equal(got, expected):
     np.testing.assert_array_equal(got[key], value, err_msg=key)
 
 
-def test_npz_reader_matches_np_load_for_every_member_layout(tmp_path):
-  """Stored and deflated members, Fortran order, 0-d, float16, int32: as `np.load` reads them."""
+def _save_npz_with_long_extra_fields(path, tree):
+  """An uncompressed .npz whose members carry 1 KB local extra fields (other zip writers do)."""
+  with zipfile.ZipFile(path, "w") as archive:
+    for key, value in tree.items():
+      info = zipfile.ZipInfo(key + ".npy")
+      info.extra = struct.pack("<2H", 0xCAFE, 1000) + bytes(1000)
+      member = io.BytesIO()
+      np.lib.format.write_array(member, value)
+      archive.writestr(info, member.getvalue())
+
+
+def test_npz_reader_matches_np_load_for_these_member_layouts(tmp_path):
+  """Stored and deflated members, long extra fields, Fortran order, 0-d, float16, int32."""
   tree = {"a/kernel": np.asfortranarray(np.arange(48, dtype=np.float32).reshape(6, 8)),
           "a/bias": np.arange(8, dtype=np.float16), "b/step": np.array(7, np.int32),
           "b/scale": np.linspace(-1, 1, 16, dtype=np.float32)}
@@ -67,7 +79,11 @@ def test_npz_reader_matches_np_load_for_every_member_layout(tmp_path):
   pretrained.save_npz(str(stored), tree)
   deflated = tmp_path / "deflated.npz"
   np.savez_compressed(deflated, **tree)
-  for path in (stored, deflated):
+  extra = tmp_path / "extra.npz"
+  _save_npz_with_long_extra_fields(extra, tree)
+  for path in (stored, deflated, extra):
+    with np.load(path) as npz:  # Valid files, as numpy reads them.
+      assert all(np.array_equal(npz[key], value) for key, value in tree.items())
     ingredients = ingredients_lib.from_paths([str(path)], "params")
     abstract = _abstract(ingredients)
     restored = ingredients_lib.restore(ingredients[0], abstract)
@@ -172,14 +188,21 @@ def test_prefetcher_closed_early_stops_reading():
     ingredients_lib.Prefetcher([], lambda i: i, ahead=0)
 
 
-def _flip_last_data_byte(path, member):
-  """Corrupts one weight of `member` in place; the zip and .npy headers stay valid."""
+def _member_data(path, member):
+  """(ZipInfo, offset of the stored bytes) of `member`, past its local header and extra field."""
   with zipfile.ZipFile(path) as archive:
     info = archive.getinfo(member)
-  with open(path, "r+b") as f:
+  with open(path, "rb") as f:
     f.seek(info.header_offset)
     name_length, extra_length = struct.unpack("<2H", f.read(30)[26:30])
-    f.seek(info.header_offset + 30 + name_length + extra_length + info.file_size - 1)
+  return info, info.header_offset + 30 + name_length + extra_length
+
+
+def _flip_last_data_byte(path, member):
+  """Corrupts one weight of `member` in place; the zip and .npy headers stay valid."""
+  info, offset = _member_data(path, member)
+  with open(path, "r+b") as f:
+    f.seek(offset + info.file_size - 1)
     byte = f.read(1)
     f.seek(-1, os.SEEK_CUR)
     f.write(bytes([byte[0] ^ 0x01]))
@@ -209,8 +232,22 @@ def test_a_failed_prefetched_read_is_raised_in_order_naming_the_ingredient(tmp_p
     averaging.average(ingredients, lambda i: ingredients_lib.restore(i, abstract), abstract)
 
 
+def test_a_corrupt_deflated_member_names_the_ingredient(tmp_path):
+  path = tmp_path / "run0.npz"
+  np.savez_compressed(path, **_tree(0, {**SHAPES, "head/kernel": (64, 256)}))
+  _, offset = _member_data(path, "head/kernel.npy")
+  with open(path, "r+b") as f:  # A reserved block type: zlib itself fails, before any CRC.
+    f.seek(offset)
+    f.write(b"\xff")
+  ingredients = ingredients_lib.from_paths([str(path)], "params")
+  with pytest.raises(ValueError, match=r"ingredient .*run0.npz is not a readable .npz file: "
+                     r"Error -3 while decompressing data: invalid block type"):
+    _abstract(ingredients)  # The metadata check reads the member's (compressed) header.
+
+
 def test_average_holds_at_most_the_sum_and_two_ingredients(tmp_path, monkeypatch):
-  """Counts live device arrays whenever a read starts: the sum and one ingredient, any N."""
+  """Counts live device arrays whenever a read starts: at most the sum and the ingredient
+  being added (the one being read is the second), for any N."""
   shapes = {f"block{i}/kernel": (8, 16) for i in range(12)}
   flat_trees = [_tree(i, shapes) for i in range(6)]
   ingredients = _npz(tmp_path, flat_trees)

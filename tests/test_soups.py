@@ -101,7 +101,8 @@ def test_missing_and_corrupt_ingredients_are_clear_errors(tmp_path):
 
 
 def test_soup_memory_per_device_is_flat_in_the_number_of_ingredients(tmp_path):
-  """XLA's compiled memory of one streaming add: about 2x (model / devices), for any N."""
+  """XLA's compiled memory of one streaming add, the sum and one ingredient: about 2x
+  (model / devices), whatever N (the read ahead adds one more: tests/test_soup_io.py)."""
   shapes = {f"block{i}/kernel": (256, 512) for i in range(4)}
   shapes["head/bias"] = (10,)
   ingredients = _npz_ingredients(tmp_path, [_tree(0, shapes), _tree(1, shapes)])
