@@ -28,7 +28,8 @@ from train import trainer
 from train import vit
 
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data dir holding fashion_mnist.")
-_VARIANT = flags.DEFINE_string("variant", "pico/7", "ViT variant of the train step (the embedded default).")
+_VARIANT = flags.DEFINE_string("variant", "pico/7",
+                               "ViT variant of the train step (the embedded default).")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Global batch size.")
 _STEPS = flags.DEFINE_integer("steps", 40, "Batches timed per setting (after 5 warm-up).")
 _OUT = flags.DEFINE_string("out", "", "Where to write the JSON results.")

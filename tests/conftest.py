@@ -31,6 +31,7 @@ def pytest_sessionfinish(session):
     shutil.rmtree(_XLA_CACHE, ignore_errors=True)
 
 
+@pytest.hookimpl(optionalhook=True)  # Known to pytest only with pytest-xdist loaded.
 def pytest_testnodedown(node, error):
   """pytest-xdist: adds a finished worker's reliability tally to this (the controller's)."""
   del error

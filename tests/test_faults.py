@@ -10,6 +10,7 @@ fraction of a second. Each injected fault is tallied in the session's
 reliability summary (tests/conftest.py).
 """
 
+import contextlib
 import glob
 import json
 import os
@@ -57,15 +58,19 @@ def _kill_at_random_progress(rng, progress, final, module, *args):
   targets = sorted(rng.choice(np.arange(1, final - 1), KILLS_PER_TARGET, replace=False))
   for target in targets:
     proc = _start(module, *args)
-    deadline = time.monotonic() + 300
-    while progress() < target and proc.poll() is None:
-      assert time.monotonic() < deadline, f"no progress to {target} outputs in 300 s"
-      time.sleep(0.02)
-    time.sleep(rng.uniform(0, 0.3))  # Mid-step, mid-write or mid-log.
-    if proc.poll() is None:
-      os.killpg(proc.pid, signal.SIGKILL)
-      landed += 1
-    proc.wait()
+    try:
+      deadline = time.monotonic() + 300
+      while progress() < target and proc.poll() is None:
+        assert time.monotonic() < deadline, f"no progress to {target} outputs in 300 s"
+        time.sleep(0.02)
+      time.sleep(rng.uniform(0, 0.3))  # Mid-step, mid-write or mid-log.
+      if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        landed += 1
+    finally:  # Also when the deadline passed: nothing is left running.
+      with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait()
   return landed
 
 
