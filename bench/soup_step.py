@@ -210,9 +210,7 @@ def _stockpot(paths):
   mesh = sharding.make_mesh((("data", -1),))
   start = time.perf_counter()
   ingredients = ingredients_lib.from_paths(paths, "params")
-  abstract = ingredients_lib.abstract_params(
-      ingredients_lib.check_compatible(ingredients),
-      lambda tree: sharding.tree_shardings(mesh, tree, soup_step.SOUP_SHARDING))
+  abstract = soup_step.target_abstract(ingredients_lib.check_compatible(ingredients), mesh)
   checked = time.perf_counter()
   soup = averaging.average(ingredients, lambda i: ingredients_lib.restore(i, abstract), abstract)
   jax.block_until_ready(soup)

@@ -49,6 +49,12 @@ SHARED_KEYS = ("model", "num_classes", "input.dataset", "input.classes",
 SOUP_SHARDING = ((".*", 'fsdp(axis="data")'),)
 
 
+def target_abstract(shared_metadata, mesh):
+  """The soup's leaves as ShapeDtypeStructs, sharded over `mesh` by `SOUP_SHARDING`."""
+  return ingredients_lib.abstract_params(
+      shared_metadata, lambda tree: sharding.tree_shardings(mesh, tree, SOUP_SHARDING))
+
+
 @dataclasses.dataclass
 class Options:
   recipes: tuple = RECIPES
@@ -131,8 +137,7 @@ class SoupKitchen:
     self.config = shared_config(ingredients)
     config = self.config
     self.mesh = sharding.make_mesh((("data", -1),))
-    self.abstract = ingredients_lib.abstract_params(
-        self.shared_metadata, lambda tree: sharding.tree_shardings(self.mesh, tree, SOUP_SHARDING))
+    self.abstract = target_abstract(self.shared_metadata, self.mesh)
     # SSF runs: their checkpoints hold the SSF vectors (soups of those are exported
     # merged), their final/*.npz the merged plain ViT (soups of merged weights).
     self.model = vit.build_model(ssf.model_config_for(config.model, self.shared_metadata),

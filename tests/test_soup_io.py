@@ -14,34 +14,11 @@ import pytest
 
 from soups import averaging
 from soups import ingredients as ingredients_lib
-from soups import soup_step
+from tests.soup_helpers import SHAPES, npz_ingredients, random_tree, soup_abstract
 from train import checkpoint
 from train import pretrained
 from train import sharding
 from train import trees
-
-SHAPES = {"embedding/kernel": (4, 4, 1, 32), "head/kernel": (32, 5), "head/bias": (5,),
-          "Transformer/encoder_norm/scale": (32,)}
-
-
-def _tree(seed, shapes=SHAPES):
-  rng = np.random.default_rng(seed)
-  return {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
-
-
-def _npz(tmp_path, flat_trees):
-  paths = []
-  for i, tree in enumerate(flat_trees):
-    paths.append(str(tmp_path / f"run{i}.npz"))
-    pretrained.save_npz(paths[-1], tree)
-  return ingredients_lib.from_paths(paths, "params")
-
-
-def _abstract(ingredients):
-  mesh = sharding.make_mesh((("data", -1),))
-  return ingredients_lib.abstract_params(
-      ingredients_lib.check_compatible(ingredients),
-      lambda tree: sharding.tree_shardings(mesh, tree, soup_step.SOUP_SHARDING))
 
 
 def _mean_in_order(flat_trees):
@@ -85,7 +62,7 @@ def test_npz_reader_matches_np_load_for_these_member_layouts(tmp_path):
     with np.load(path) as npz:  # Valid files, as numpy reads them.
       assert all(np.array_equal(npz[key], value) for key, value in tree.items())
     ingredients = ingredients_lib.from_paths([str(path)], "params")
-    abstract = _abstract(ingredients)
+    abstract = soup_abstract(ingredients)
     restored = ingredients_lib.restore(ingredients[0], abstract)
     _assert_tree_equal(restored, tree)
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(abstract)):
@@ -104,13 +81,13 @@ def _save_orbax_run(run_dir, params, mesh):
 
 
 def test_orbax_ingredients_average_to_the_numpy_mean_exactly(tmp_path):
-  flat_trees = [_tree(i) for i in range(3)]
+  flat_trees = [random_tree(i) for i in range(3)]
   mesh = sharding.make_mesh((("data", -1),))
   for i, tree in enumerate(flat_trees):
     _save_orbax_run(tmp_path / f"run{i}", tree, mesh)
   ingredients = ingredients_lib.from_paths([str(tmp_path / f"run{i}") for i in range(3)],
                                            "params")
-  abstract = _abstract(ingredients)
+  abstract = soup_abstract(ingredients)
   restored = ingredients_lib.restore(ingredients[1], abstract)
   _assert_tree_equal(restored, flat_trees[1])
   assert jax.tree.leaves(restored)[0].sharding == jax.tree.leaves(abstract)[0].sharding
@@ -122,11 +99,11 @@ def test_orbax_ingredients_average_to_the_numpy_mean_exactly(tmp_path):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_orbax_ingredient_with_missing_data_is_named(tmp_path):
   mesh = sharding.make_mesh((("data", -1),))
-  _save_orbax_run(tmp_path / "good", _tree(0), mesh)
-  _save_orbax_run(tmp_path / "broken", _tree(1), mesh)
+  _save_orbax_run(tmp_path / "good", random_tree(0), mesh)
+  _save_orbax_run(tmp_path / "broken", random_tree(1), mesh)
   ingredients = ingredients_lib.from_paths([str(tmp_path / "good"), str(tmp_path / "broken")],
                                            "params")
-  abstract = _abstract(ingredients)  # The metadata is intact...
+  abstract = soup_abstract(ingredients)  # The metadata is intact...
   item = tmp_path / "broken" / "checkpoints" / "1" / "params"
   for root, _, names in os.walk(item):  # ...the arrays' data files are gone.
     if os.path.basename(root) == "d":
@@ -210,9 +187,9 @@ def _flip_last_data_byte(path, member):
 
 def test_a_failed_prefetched_read_is_raised_in_order_naming_the_ingredient(tmp_path):
   shapes = {**SHAPES, "Transformer/encoderblock_0/kernel": (64, 256)}  # Past the header reads.
-  ingredients = _npz(tmp_path, [_tree(i, shapes) for i in range(4)])
+  ingredients = npz_ingredients(tmp_path, [random_tree(i, shapes) for i in range(4)])
   _flip_last_data_byte(ingredients[2].path, "Transformer/encoderblock_0/kernel.npy")
-  abstract = _abstract(ingredients)  # Headers intact: the metadata check passes.
+  abstract = soup_abstract(ingredients)  # Headers intact: the metadata check passes.
   reads = []
 
   def restore(ingredient):
@@ -234,7 +211,7 @@ def test_a_failed_prefetched_read_is_raised_in_order_naming_the_ingredient(tmp_p
 
 def test_a_corrupt_deflated_member_names_the_ingredient(tmp_path):
   path = tmp_path / "run0.npz"
-  np.savez_compressed(path, **_tree(0, {**SHAPES, "head/kernel": (64, 256)}))
+  np.savez_compressed(path, **random_tree(0, {**SHAPES, "head/kernel": (64, 256)}))
   _, offset = _member_data(path, "head/kernel.npy")
   with open(path, "r+b") as f:  # A reserved block type: zlib itself fails, before any CRC.
     f.seek(offset)
@@ -242,16 +219,16 @@ def test_a_corrupt_deflated_member_names_the_ingredient(tmp_path):
   ingredients = ingredients_lib.from_paths([str(path)], "params")
   with pytest.raises(ValueError, match=r"ingredient .*run0.npz is not a readable .npz file: "
                      r"Error -3 while decompressing data: invalid block type"):
-    _abstract(ingredients)  # The metadata check reads the member's (compressed) header.
+    soup_abstract(ingredients)  # The metadata check reads the member's (compressed) header.
 
 
 def test_average_holds_at_most_the_sum_and_two_ingredients(tmp_path, monkeypatch):
   """Counts live device arrays whenever a read starts: at most the sum and the ingredient
   being added (the one being read is the second), for any N."""
   shapes = {f"block{i}/kernel": (8, 16) for i in range(12)}
-  flat_trees = [_tree(i, shapes) for i in range(6)]
-  ingredients = _npz(tmp_path, flat_trees)
-  abstract = _abstract(ingredients)
+  flat_trees = [random_tree(i, shapes) for i in range(6)]
+  ingredients = npz_ingredients(tmp_path, flat_trees)
+  abstract = soup_abstract(ingredients)
   leaves = len(jax.tree.leaves(abstract))
   baseline = len(jax.live_arrays())
   at_read = []

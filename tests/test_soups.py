@@ -20,41 +20,18 @@ from soups import ingredients as ingredients_lib
 from soups import learned
 from soups import soup_step
 from tests.helpers import run_module
+from tests.soup_helpers import npz_ingredients, random_tree, soup_abstract
 from train import pretrained
 from train import sharding
 from train import trainer
 
-SOUP_RULES = soup_step.SOUP_SHARDING
-
-
-def _tree(seed, shapes=None):
-  rng = np.random.default_rng(seed)
-  shapes = shapes or {"embedding/kernel": (4, 4, 1, 32), "head/kernel": (32, 5),
-                      "head/bias": (5,), "Transformer/encoder_norm/scale": (32,)}
-  return {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
-
-
-def _npz_ingredients(tmp_path, trees):
-  paths = []
-  for i, tree in enumerate(trees):
-    path = str(tmp_path / f"run{i}.npz")
-    pretrained.save_npz(path, tree)
-    paths.append(path)
-  return ingredients_lib.from_paths(paths, "params")
-
-
-def _abstract(ingredients, mesh):
-  meta = ingredients_lib.check_compatible(ingredients)
-  return ingredients_lib.abstract_params(
-      meta, lambda tree: sharding.tree_shardings(mesh, tree, SOUP_RULES))
-
 
 def test_uniform_soup_of_known_trees_is_the_numpy_mean_exactly(tmp_path):
-  trees = [_tree(i) for i in range(5)]
-  ingredients = _npz_ingredients(tmp_path, trees)
+  trees = [random_tree(i) for i in range(5)]
+  ingredients = npz_ingredients(tmp_path, trees)
   mesh = sharding.make_mesh((("data", -1),))
   assert mesh.size == 8
-  abstract = _abstract(ingredients, mesh)
+  abstract = soup_abstract(ingredients, mesh)
   soup = averaging.average(ingredients, lambda i: ingredients_lib.restore(i, abstract), abstract)
   assert soup["embedding"]["kernel"].sharding.spec != jax.sharding.PartitionSpec()  # Sharded.
   for key in trees[0]:
@@ -81,7 +58,7 @@ def test_uniform_soup_of_known_trees_is_the_numpy_mean_exactly(tmp_path):
 ])
 def test_mismatched_ingredients_are_refused_naming_the_first_differing_path(
     tmp_path, change, message):
-  ingredients = _npz_ingredients(tmp_path, [_tree(0), change(_tree(1))])
+  ingredients = npz_ingredients(tmp_path, [random_tree(0), change(random_tree(1))])
   with pytest.raises(ValueError, match=message):
     ingredients_lib.check_compatible(ingredients)
 
@@ -93,7 +70,7 @@ def test_missing_and_corrupt_ingredients_are_clear_errors(tmp_path):
   bad.write_bytes(b"not a zip file")
   with pytest.raises(ValueError, match=r"ingredients share the names \['bad'\]"):
     ingredients_lib.from_paths([str(bad), str(bad)], "params")
-  good = _npz_ingredients(tmp_path, [_tree(0)])
+  good = npz_ingredients(tmp_path, [random_tree(0)])
   with pytest.raises(ValueError, match=r"ingredient .*bad.npz is not a readable .npz"):
     ingredients_lib.check_compatible(good + ingredients_lib.from_paths([str(bad)], "params"))
   with pytest.raises(ValueError, match=r"no ingredients"):
@@ -105,9 +82,9 @@ def test_soup_memory_per_device_is_flat_in_the_number_of_ingredients(tmp_path):
   (model / devices), whatever N (the read ahead adds one more: tests/test_soup_io.py)."""
   shapes = {f"block{i}/kernel": (256, 512) for i in range(4)}
   shapes["head/bias"] = (10,)
-  ingredients = _npz_ingredients(tmp_path, [_tree(0, shapes), _tree(1, shapes)])
+  ingredients = npz_ingredients(tmp_path, [random_tree(0, shapes), random_tree(1, shapes)])
   mesh = sharding.make_mesh((("data", -1),))
-  abstract = _abstract(ingredients, mesh)
+  abstract = soup_abstract(ingredients, mesh)
   model_bytes = sum(np.prod(s) * 4 for s in shapes.values())
   memory = averaging.RunningSum(abstract).add_memory_analysis(abstract)
   per_device = (memory.argument_size_in_bytes + memory.output_size_in_bytes
