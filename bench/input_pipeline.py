@@ -13,19 +13,14 @@ import time
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 
+from bench import train_step
 from configs import fashion_mnist
 from train import data
-from train import ema
 from train import files
-from train import losses
 from train import mixing
-from train import optimizer
 from train import pp_spec
 from train import preprocess
-from train import trainer
-from train import vit
 
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data dir holding fashion_mnist.")
 _VARIANT = flags.DEFINE_string("variant", "pico/7",
@@ -52,13 +47,12 @@ def _config(overrides):
   return config
 
 
-def _images_per_second(iterator, steps, batch_size, run=lambda batch: batch):
+def _images_per_second(iterator, steps, batch_size):
   for _ in range(5):
-    jax.block_until_ready(run(next(iterator)))
+    next(iterator)
   start = time.perf_counter()
   for _ in range(steps):
-    out = run(next(iterator))
-  jax.block_until_ready(out)
+    next(iterator)
   return steps * batch_size / (time.perf_counter() - start)
 
 
@@ -70,23 +64,10 @@ def pipeline_rate(config, split):
   return _images_per_second(batches, _STEPS.value, config.batch_size)
 
 
-def train_step_rate(config, batch):
-  """Images/s consumed by the jitted train step on a fixed device-resident batch."""
-  model = vit.build_model(config.model, config.num_classes)
-  tx, _ = optimizer.make_optimizer(config)
-  params = model.init(jax.random.key(0), jnp.asarray(batch["image"][:1]))["params"]
-  step_fn = jax.jit(trainer.make_train_step(
-      model, tx, losses.get(config.loss), 0.0, ema.decays(config.ema), jax.random.key(1)),
-      donate_argnums=(0,))
-  device_batch = {k: jnp.asarray(batch[k]) for k in ("image", "labels")}
-  state = [jax.jit(lambda p: trainer.state_from_params(p, tx))(params)]  # Distinct buffers.
-
-  def run(_):
-    state[0], metrics = step_fn(state[0], device_batch, jnp.int32(0))
-    return metrics
-
-  forever = iter(int, 1)
-  return _images_per_second(forever, _STEPS.value, config.batch_size, run)
+def train_step_rate(config, image_shape):
+  """Images/s consumed by the trainer's jitted step (bench/train_step.py), a fixed batch."""
+  return config.batch_size * _STEPS.value / train_step.TrainStep(config, image_shape).time(
+      _STEPS.value)
 
 
 def main(argv):
@@ -96,7 +77,7 @@ def main(argv):
   split = data.open_split(builder, base.input.train_split, tuple(base.input.classes))
   first = next(data.train_batches(split, preprocess.build(pp_spec.resolve(base, "pp_train")),
                                   base.batch_size, 0))
-  step_rate = train_step_rate(base, first)
+  step_rate = train_step_rate(base, first["image"].shape[1:])
   rows = []
   for name, overrides in SETTINGS.items():
     rate = pipeline_rate(_config(overrides), split)

@@ -2,7 +2,8 @@ r"""Training-step throughput on this machine: stockpot's jitted step against tim
 
 For each ViT (S/16 at 224x224x3 with 1000 classes; the default pico/7 at
 28x28x1 with 10 classes), one fixed batch of random images is trained on by
-  stockpot       `train.trainer.jit_train_step`, the step `python -m train` runs,
+  stockpot       `train.trainer.jit_train_step`, the step `python -m train` runs
+                 (bench/train_step.py),
                  with configs/fashion_mnist.py's fine-tuning optimizer (SGD with
                  momentum, clipping by global norm) and both EMAs; float32;
   timm eager     the same model and step in timm + PyTorch (bench/torch_peer.py,
@@ -36,13 +37,10 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from bench import train_step
 from configs import fashion_mnist
 from train import files
-from train import optimizer
-from train import sharding
-from train import trainer
 from train import vit
 
 # variant -> input and batch; `steps` per round keeps a round at about a second or more.
@@ -82,42 +80,6 @@ def stockpot_config(variant, spec):
     raise ValueError("the timm peer mirrors SGD without weight decay or label smoothing; "
                      f"configs/fashion_mnist.py now asks for {config.optimizer.name}")
   return config
-
-
-class StockpotStep:
-  """The trainer's jitted step on a fixed batch; `time(n)` runs n steps, returns seconds."""
-
-  def __init__(self, config, spec):
-    model = vit.build_model(config.model, config.num_classes)
-    tx, _ = optimizer.make_optimizer(config)
-    mesh = sharding.make_mesh(config.mesh)
-    shape = (spec["image_size"], spec["image_size"], spec["channels"])
-    init = lambda rng: trainer.state_from_params(  # pylint: disable=g-long-lambda
-        model.init(rng, jnp.zeros((1, *shape)))["params"], tx)
-    state_shardings = sharding.tree_shardings(mesh, jax.eval_shape(init, jax.random.key(0)),
-                                              config.param_sharding)
-    self._state = jax.jit(init, out_shardings=state_shardings)(jax.random.key(config.seed))
-    rng = np.random.default_rng(0)
-    n = config.batch_size
-    self._batch = sharding.to_global({
-        "image": rng.uniform(-1, 1, (n, *shape)).astype(np.float32),
-        "labels": np.eye(config.num_classes, dtype=np.float32)[
-            rng.integers(0, config.num_classes, n)]}, sharding.batch_sharding(mesh))
-    start = time.perf_counter()
-    self._step = trainer.jit_train_step(config, model, tx, mesh, state_shardings).lower(
-        self._state, self._batch, jnp.int32(0)).compile()
-    self.compile_s = time.perf_counter() - start
-    self.xla_flops = self._step.cost_analysis()["flops"]
-    self._count = 0
-    self.time(2)  # Warm-up.
-
-  def time(self, steps):
-    start = time.perf_counter()
-    for _ in range(steps):
-      self._state, metrics = self._step(self._state, self._batch, jnp.int32(self._count))
-      self._count += 1
-    jax.block_until_ready(metrics)
-    return time.perf_counter() - start
 
 
 class TorchPeer:
@@ -176,7 +138,8 @@ def benchmark(variant):
   """Times every side on `variant`, taking turns; returns the model's results dict."""
   spec = MODELS[variant]
   config = stockpot_config(variant, spec)
-  sides = {"stockpot": StockpotStep(config, spec)}
+  sides = {"stockpot": train_step.TrainStep(
+      config, (spec["image_size"], spec["image_size"], spec["channels"]))}
   print(f"[{variant}] stockpot step compiled in {sides['stockpot'].compile_s:.1f}s", flush=True)
   sides["timm eager"] = TorchPeer(config, spec, compiled=False)
   if _COMPILE.value:
