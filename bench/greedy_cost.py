@@ -94,11 +94,6 @@ class CompileClock:
       self.seconds += duration
 
 
-def _order(ingredients, heldout_acc):
-  """The greedy candidate order (greedy.greedy_soup's): held-out accuracy descending, then name."""
-  return sorted(ingredients, key=lambda i: (-heldout_acc[i.name], i.name))
-
-
 def _counting(restore):
   """`restore`, counting its calls in `.reads`: one call reads one checkpoint."""
   def counted(ingredient):
@@ -134,7 +129,7 @@ class SearchProbe:
                **kwargs):
     start = time.perf_counter()
     if _WARM_UP.value:
-      first = _order(ingredients, heldout_acc)[0]
+      first = greedy.candidate_order(ingredients, heldout_acc)[0]
       _warm_up(evaluator, restore(first), running_sum)
     warmup = time.perf_counter() - start
     restore = _counting(restore)
@@ -203,7 +198,7 @@ def naive_search(kitchen, heldout_acc, clock):
   evaluator, examples = kitchen.heldout, len(kitchen.heldout.split)
   restore = _counting(kitchen.restore)
   compiled, start = clock.seconds, time.perf_counter()
-  order = _order(kitchen.ingredients, heldout_acc)
+  order = greedy.candidate_order(kitchen.ingredients, heldout_acc)
   kept = [order[0]]
   soup = restore(order[0])
   best = int(round(heldout_acc[order[0].name] * examples))
@@ -271,7 +266,8 @@ def main(argv):
     kitchen, seed_files = _seed(ingredients, os.path.join(tmp, "seed"), options)
     heldout_acc = {n: e["heldout_acc"] for n, e in kitchen.out.evaluations.items()}
     if _NAIVE.value:
-      _warm_up(kitchen.heldout, kitchen.restore(_order(ingredients, heldout_acc)[0]))
+      best = greedy.candidate_order(ingredients, heldout_acc)[0]
+      _warm_up(kitchen.heldout, kitchen.restore(best))
     rows = [r for r in ROWS if _NAIVE.value or r != "naive_reaverage"]
     for repeat in range(_REPEATS.value):
       shift = repeat % len(rows)  # Rotate the order, so no row always runs first.

@@ -64,6 +64,11 @@ def count_correct(evaluator, params, needed=None):
   return correct, seen, batches, False
 
 
+def candidate_order(ingredients, heldout_acc):
+  """The order candidates are tried in: held-out accuracy descending, then name."""
+  return sorted(ingredients, key=lambda i: (-heldout_acc[i.name], i.name))
+
+
 def greedy_soup(ingredients, heldout_acc, restore, running_sum, evaluator, journal_path,
                 early_abort=True, write=True):
   """Runs (or resumes) the greedy search.
@@ -82,7 +87,7 @@ def greedy_soup(ingredients, heldout_acc, restore, running_sum, evaluator, journ
     (soup params, names kept in the order added, soup held-out accuracy,
      {'batches_evaluated', 'batches_full_evaluation'}).
   """
-  order = sorted(ingredients, key=lambda i: (-heldout_acc[i.name], i.name))
+  order = candidate_order(ingredients, heldout_acc)
   journal = Journal(journal_path, [i.name for i in order], write)
   total_examples = len(evaluator.split)
   num_batches = evaluator.num_batches()
