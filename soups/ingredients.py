@@ -186,7 +186,7 @@ def metadata(ingredient):
     tree = checkpoint.item_metadata(ingredient.path)
   except Exception as e:  # orbax raises many types for unreadable checkpoints.
     raise ValueError(f"ingredient {ingredient.name}: cannot read the orbax checkpoint "
-                     f"{ingredient.path}: {e}") from e
+                     f"{ingredient.path}: {checkpoint.describe(e)}") from e
   return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in trees.flatten(tree).items()}
 
 

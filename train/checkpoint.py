@@ -35,8 +35,13 @@ class WriteError(OSError):
 
 
 def describe(error):
-  """The first line of an orbax/tensorstore error, which names the file (they run to pages)."""
-  return (str(error).splitlines() or [repr(error)])[0][:400]
+  """The first line of an orbax/tensorstore error, which names the file, without tensorstore's spec.
+
+  Their messages run to pages: the spec alone (every context option, as JSON)
+  is longer than the part that says what went wrong.
+  """
+  first_line = (str(error).splitlines() or [repr(error)])[0]
+  return first_line.split(" [tensorstore_spec=")[0][:600]
 
 
 def _complete_steps(manager):
@@ -73,11 +78,11 @@ def wait_until_written(manager):
 
 def item_metadata(path):
   """Tree of an orbax item's array metadata (`.shape`, `.dtype`), read without the arrays."""
-  meta = ocp.StandardCheckpointer().metadata(path)
-  tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
-  if not isinstance(tree, dict):  # orbax warns and returns no tree when files are unreadable.
-    raise ValueError(f"orbax checkpoint {path} has no readable array metadata (missing or "
-                     "corrupt files)")
+  # The handler, not a Checkpointer: an item directory has no step metadata to warn about.
+  meta = ocp.StandardCheckpointHandler().metadata(epath.Path(path))
+  tree = getattr(meta, "tree", meta)
+  if not isinstance(tree, dict):  # Not saved as a tree of arrays (unreadable files raise above).
+    raise ValueError(f"orbax checkpoint {path} does not hold a tree of arrays")
   return tree
 
 
