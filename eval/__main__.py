@@ -29,9 +29,9 @@ from eval import evaluators as eval_lib
 from eval import run_config
 from eval import weights as weights_lib
 from train import files
-from train import run_log
 from train import sharding
 from train import ssf
+from train import startup
 from train import vit
 
 _WEIGHTS = flags.DEFINE_list("weights", None, "An .npz file or an orbax checkpoint directory; "
@@ -113,7 +113,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   tf.config.set_visible_devices([], "GPU")  # Keep accelerators for JAX.
-  run_log.quiet_library_logs()
+  startup.init()
   weights, suite = _WEIGHTS.value, _SUITE.value
   if suite not in eval_lib.known_suites():
     sys.exit(f"FATAL unknown --suite={suite!r}; known: {eval_lib.known_suites()}")

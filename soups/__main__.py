@@ -14,7 +14,7 @@ from absl import logging
 from soups import ingredients as ingredients_lib
 from soups import soup_step
 from train import checkpoint
-from train import run_log
+from train import startup
 
 _SWEEP_DIR = flags.DEFINE_string("sweep_dir", "", "A sweep directory (its manifest.json lists the runs).")
 _INGREDIENTS = flags.DEFINE_list(
@@ -35,7 +35,7 @@ _WISE_FT_ALPHAS = flags.DEFINE_list("wise_ft_alphas", ["0", "0.25", "0.5", "0.75
 
 def main(argv):
   del argv
-  run_log.quiet_library_logs()
+  startup.init()
   if bool(_SWEEP_DIR.value) == bool(_INGREDIENTS.value):
     raise app.UsageError("give exactly one of --sweep_dir and --ingredients")
   if _INGREDIENTS.value and not _SOUP_DIR.value:

@@ -19,7 +19,7 @@ import tensorflow as tf
 from train import checkpoint
 from train import distributed
 from train import preemption
-from train import run_log
+from train import startup
 from train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -47,7 +47,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   tf.config.set_visible_devices([], "GPU")  # Keep accelerators for JAX.
-  run_log.quiet_library_logs()
+  startup.init()
   distributed.initialize()
   try:
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
