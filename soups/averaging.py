@@ -19,17 +19,16 @@ from soups import ingredients as ingredients_lib
 
 
 def _zeros(leaf):
-  """float32 zeros in `leaf`'s sharding, this process's shards copied from the host.
+  """float32 zeros in `leaf`'s sharding, each of this process's shards made on the host.
 
-  No compile (a jitted zeros costs as much to compile as the add), and copied
-  rather than aliased, so the first add can update the sum in place.
+  No compile (a jitted zeros costs as much to compile as the add). On CPU the
+  shards alias numpy's untouched zero pages instead of copying them (0.1 s
+  rather than 0.3 s for ViT-S/16 on 8 devices); the first add then writes a
+  fresh sum, and every later add updates it in place.
   """
-  if leaf.sharding.is_fully_addressable:
-    return jax.device_put(np.zeros(leaf.shape, np.float32), leaf.sharding, may_alias=False)
-  shape = leaf.sharding.shard_shape(leaf.shape)
-  shards = [jax.device_put(np.zeros(shape, np.float32), device, may_alias=False)
-            for device in leaf.sharding.addressable_devices]
-  return jax.make_array_from_single_device_arrays(leaf.shape, leaf.sharding, shards)
+  shard_shape = leaf.sharding.shard_shape(leaf.shape)
+  return jax.make_array_from_callback(leaf.shape, leaf.sharding,
+                                      lambda index: np.zeros(shard_shape, np.float32))
 
 
 def _add(total, tree, weight):
