@@ -1,7 +1,7 @@
 r"""Soup step speed and memory for N ingredients, against the disk and a plain numpy loop.
 
 For each ingredient format (.npz, orbax), page-cache state (cold, warm) and
-N, three measurements, each in a fresh subprocess (so peak RSS is its own):
+N, four measurements, each in a fresh subprocess (so peak RSS is its own):
   raw read   read the ingredients' files, 16 MiB at a time: the bandwidth of
              the disk (cold) or of the page cache (warm) in this same run;
   numpy      the paper's loop: load each checkpoint whole on the host
@@ -9,7 +9,9 @@ N, three measurements, each in a fresh subprocess (so peak RSS is its own):
              divide;
   stockpot   the soup step's averaging: `ingredients.check_compatible` (the
              metadata check), then `averaging.average` into a float32 sum
-             sharded over --devices CPU devices.
+             sharded over --devices CPU devices; the first soup of a model,
+             its persistent compilation cache (train/startup.py) empty;
+  cached     the same, a later soup: its compiles are in the cache.
 Reported: wall time (the median of --repeats interleaved runs), peak RSS
 (their largest), and each loop's read rate as a fraction of the raw read's
 (bytes are the same files', so the fraction is raw s / loop s). Wall time
@@ -52,7 +54,8 @@ import numpy as np
 
 FORMATS = ("npz", "orbax")
 CACHES = ("cold", "warm")
-KINDS = ("raw", "numpy", "stockpot")
+KINDS = ("raw", "numpy", "stockpot", "cached")
+SOUPS = ("stockpot", "cached")  # The kinds that run stockpot's soup step.
 
 _VARIANT = flags.DEFINE_string("variant", "S/16",
                                "ViT variant whose parameter shapes the ingredients have.")
@@ -68,7 +71,7 @@ _DATA_DIR = flags.DEFINE_string(
     "default: a temporary directory, deleted at the end.")
 _OUT = flags.DEFINE_string("out", "", "Where to write the JSON results.")
 _WORKER = flags.DEFINE_string("worker", "",
-                              "Internal: run one measurement, of raw, numpy, stockpot.")
+                              f"Internal: run one measurement, of {', '.join(KINDS)}.")
 _FORMAT = flags.DEFINE_string("format", "npz", "Internal: the worker's ingredient format.")
 
 DROP_CACHES = "/proc/sys/vm/drop_caches"
@@ -207,6 +210,8 @@ def _stockpot(paths):
   from soups import ingredients as ingredients_lib  # pylint: disable=g-import-not-at-top
   from soups import soup_step  # pylint: disable=g-import-not-at-top
   from train import sharding  # pylint: disable=g-import-not-at-top
+  from train import startup  # pylint: disable=g-import-not-at-top
+  startup.init()  # As `python -m soups` starts; the compile cache directory is _measure's.
   mesh = sharding.make_mesh((("data", -1),))
   start = time.perf_counter()
   ingredients = ingredients_lib.from_paths(paths, "params")
@@ -215,6 +220,22 @@ def _stockpot(paths):
   soup = averaging.average(ingredients, lambda i: ingredients_lib.restore(i, abstract), abstract)
   jax.block_until_ready(soup)
   return start, checked - start
+
+
+def _peak_rss_mb():
+  """This process's peak RSS since it started: Linux's VmHWM.
+
+  Not `getrusage`'s ru_maxrss there: Linux carries it over fork and exec, so a
+  worker would report the bench process's own peak (it grows writing the
+  ingredients) whenever that is the larger. Elsewhere ru_maxrss it is (bytes on
+  macOS).
+  """
+  try:
+    with open("/proc/self/status") as f:
+      return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+  except (OSError, StopIteration):
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def _worker(kind, fmt, paths):
@@ -227,25 +248,29 @@ def _worker(kind, fmt, paths):
       start = time.perf_counter()
     _numpy_loop(fmt, paths)
   else:
-    start, out["check_seconds"] = _stockpot(paths)
+    start, out["check_seconds"] = _stockpot(paths)  # As the soup CLI, for both soup kinds.
   out["seconds"] = time.perf_counter() - start
-  out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  out["peak_rss_mb"] = _peak_rss_mb()
   print(json.dumps(out))
 
 
-def _measure(kind, fmt, directory, count):
+def _measure(kind, fmt, directory, count, compile_cache_dir):
+  """One measurement in a fresh process; the soup kinds compile-cache into `compile_cache_dir`."""
   env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={_DEVICES.value}",
          "TF_CPP_MIN_LOG_LEVEL": "2"}
-  proc = subprocess.run(
-      [sys.executable, "-m", "bench.soup_step", f"--worker={kind}", f"--format={fmt}",
-       f"--data_dir={directory}", f"--counts={count}"],
-      env=env, capture_output=True, text=True)
+  with tempfile.TemporaryDirectory(prefix="soup_bench_xla_") as empty_cache:
+    if kind in SOUPS:
+      env["JAX_COMPILATION_CACHE_DIR"] = compile_cache_dir if kind == "cached" else empty_cache
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.soup_step", f"--worker={kind}", f"--format={fmt}",
+         f"--data_dir={directory}", f"--counts={count}"],
+        env=env, capture_output=True, text=True)
   if proc.returncode:
     raise RuntimeError(f"{kind} worker ({fmt}, N={count}) failed:\n{proc.stderr[-3000:]}")
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _run(directory, shapes):
+def _run(directory, shapes, compile_cache_dir):
   method = _cache_drop_method() if "cold" in _CACHES.value else None
   if method == "fadvise":
     print(f"cold cache: cannot write {DROP_CACHES} (not root); evicting the ingredient files "
@@ -254,29 +279,34 @@ def _run(directory, shapes):
   for fmt in _FORMATS.value:
     for count in map(int, _COUNTS.value):
       _write_ingredients(directory, fmt, count, shapes)
+      # Fills the compile cache for the "cached" kind (the compiles do not depend on N).
+      _measure("cached", fmt, directory, count, compile_cache_dir)
       paths = _ingredient_paths(directory, fmt, count)
       files = [f for p in paths for f in _files(p)]
       for cache in _CACHES.value:
         row = {"format": fmt, "cache": cache, "n": count,
                "bytes": sum(os.path.getsize(f) for f in files)}
         runs = {kind: [] for kind in KINDS}
-        for _ in range(_REPEATS.value):  # Interleaved, so a change of load hits every kind.
-          for kind in KINDS:
+        for repeat in range(_REPEATS.value):
+          # Interleaved, each repeat in a rotated order: a change of load, or of the disk's
+          # pace after a long read, hits every kind.
+          for kind in KINDS[repeat % len(KINDS):] + KINDS[:repeat % len(KINDS)]:
             if cache == "cold":
               _drop_cache(method, files)
             else:
               _read_files(files)
-            runs[kind].append(_measure(kind, fmt, directory, count))
+            runs[kind].append(_measure(kind, fmt, directory, count, compile_cache_dir))
         for kind, measured in runs.items():
           row[kind] = {"seconds": float(np.median([m["seconds"] for m in measured])),
                        "peak_rss_mb": max(m["peak_rss_mb"] for m in measured),
                        "all_seconds": [m["seconds"] for m in measured]}
-          if kind == "stockpot":
+          if kind in SOUPS:
             row[kind]["check_seconds"] = float(np.median([m["check_seconds"] for m in measured]))
-        for kind in ("numpy", "stockpot"):
+        for kind in ("numpy", *SOUPS):
           row[f"{kind}_fraction_of_raw_read"] = row["raw"]["seconds"] / row[kind]["seconds"]
         print(f"  {fmt} {cache} N={count}: raw {row['raw']['seconds']:.2f} s, numpy "
-              f"{row['numpy']['seconds']:.2f} s, stockpot {row['stockpot']['seconds']:.2f} s",
+              f"{row['numpy']['seconds']:.2f} s, stockpot {row['stockpot']['seconds']:.2f} s "
+              f"(cached compiles {row['cached']['seconds']:.2f} s)",
               flush=True)
         rows.append(row)
   return method, rows
@@ -288,13 +318,14 @@ def _print_table(rows, model_mb, method):
         + (f"; cold cache by {method}" if method else ""))
   print(f"{'format':>6} {'cache':>5} {'N':>3} {'GB':>5} {'raw s':>6} {'raw MB/s':>8} "
         f"{'numpy s':>7} {'raw ÷':>6} {'stockpot s':>10} {'(check)':>7} {'raw ÷':>6} "
-        f"{'numpy RSS MB':>12} {'stockpot RSS MB':>15}")
+        f"{'cached s':>8} {'raw ÷':>6} {'numpy RSS MB':>12} {'stockpot RSS MB':>15}")
   for r in rows:
     print(f"{r['format']:>6} {r['cache']:>5} {r['n']:>3} {r['bytes'] / 1e9:>5.2f} "
           f"{r['raw']['seconds']:>6.2f} {r['bytes'] / 1e6 / r['raw']['seconds']:>8,.0f} "
           f"{r['numpy']['seconds']:>7.2f} {r['numpy_fraction_of_raw_read']:>6.0%} "
           f"{r['stockpot']['seconds']:>10.2f} {r['stockpot']['check_seconds']:>7.2f} "
           f"{r['stockpot_fraction_of_raw_read']:>6.0%} "
+          f"{r['cached']['seconds']:>8.2f} {r['cached_fraction_of_raw_read']:>6.0%} "
           f"{r['numpy']['peak_rss_mb']:>12,.0f} {r['stockpot']['peak_rss_mb']:>15,.0f}")
 
 
@@ -313,12 +344,13 @@ def main(argv):
   shapes = _shapes(_VARIANT.value)
   model_mb = sum(int(np.prod(s)) for s in shapes.values()) * 4 / 2**20
   load_before = os.getloadavg()
-  if _DATA_DIR.value:
-    os.makedirs(_DATA_DIR.value, exist_ok=True)
-    method, rows = _run(_DATA_DIR.value, shapes)
-  else:
-    with tempfile.TemporaryDirectory(prefix="soup_bench_") as directory:
-      method, rows = _run(directory, shapes)
+  with tempfile.TemporaryDirectory(prefix="soup_bench_") as scratch:
+    compile_cache_dir = os.path.join(scratch, "xla")
+    if _DATA_DIR.value:
+      os.makedirs(_DATA_DIR.value, exist_ok=True)
+      method, rows = _run(_DATA_DIR.value, shapes, compile_cache_dir)
+    else:
+      method, rows = _run(scratch, shapes, compile_cache_dir)
   _print_table(rows, model_mb, method)
   load_after = os.getloadavg()
   print(f"1-minute load average {load_before[0]:.1f} before, {load_after[0]:.1f} after "
