@@ -227,8 +227,8 @@ def _peak_rss_mb():
 
   Not `getrusage`'s ru_maxrss there: Linux carries it over fork and exec, so a
   worker would report the bench process's own peak (it grows writing the
-  ingredients) whenever that is the larger. Elsewhere ru_maxrss it is (bytes on
-  macOS).
+  ingredients) whenever that is the larger. Elsewhere, ru_maxrss (kilobytes;
+  bytes on macOS).
   """
   try:
     with open("/proc/self/status") as f:
