@@ -1,5 +1,6 @@
 """Reading soup ingredients fast: the .npz reader, orbax restores, read-ahead, bounded memory."""
 
+import gc
 import io
 import json
 import os
@@ -58,7 +59,9 @@ def test_npz_reader_matches_np_load_for_these_member_layouts(tmp_path):
   np.savez_compressed(deflated, **tree)
   extra = tmp_path / "extra.npz"
   _save_npz_with_long_extra_fields(extra, tree)
-  for path in (stored, deflated, extra):
+  unaligned = tmp_path / "unaligned.npz"  # numpy's own layout: arrays copied, not mapped.
+  np.savez(unaligned, **tree)
+  for path in (stored, deflated, extra, unaligned):
     with np.load(path) as npz:  # Valid files, as numpy reads them.
       assert all(np.array_equal(npz[key], value) for key, value in tree.items())
     ingredients = ingredients_lib.from_paths([str(path)], "params")
@@ -67,6 +70,34 @@ def test_npz_reader_matches_np_load_for_these_member_layouts(tmp_path):
     _assert_tree_equal(restored, tree)
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(abstract)):
       assert got.sharding == want.sharding and got.dtype == want.dtype
+
+
+def _mapped_ranges(path):
+  """The address ranges at which this process maps `path` (Linux's /proc/self/maps)."""
+  with open("/proc/self/maps") as f:
+    return [tuple(int(a, 16) for a in line.split()[0].split("-"))
+            for line in f if line.rstrip().endswith(" " + str(path))]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc")
+def test_npz_leaves_are_the_mapped_file_until_the_ingredient_is_dropped(tmp_path):
+  """No copy of a `save_npz` ingredient on CPU: each shard that is a contiguous slice of its
+  leaf (split on the first axis, or replicated) is the leaf's bytes in the page cache."""
+  shapes = {"a/kernel": (64, 8), "a/bias": (5,)}  # Split on rows; too small to split.
+  [ingredient] = npz_ingredients(tmp_path, [random_tree(0, shapes)])
+  abstract = soup_abstract([ingredient])
+  restored = ingredients_lib.restore(ingredient, abstract)
+  ranges = _mapped_ranges(ingredient.path)
+  assert ranges, "the ingredient's file is not mapped"
+  shards = [s.data for leaf in jax.tree.leaves(restored) for s in leaf.addressable_shards]
+  assert len(shards) > len(jax.tree.leaves(restored))  # Split over the devices...
+  outside = [s.shape for s in shards if s.size and not any(
+      lo <= s.unsafe_buffer_pointer() < hi for lo, hi in ranges)]
+  assert not outside  # ...each shard in place in the file's mapping.
+  _assert_tree_equal(restored, random_tree(0, shapes))
+  del restored, shards
+  gc.collect()
+  assert not _mapped_ranges(ingredient.path)  # Dropped: nothing of the file stays mapped.
 
 
 def _save_orbax_run(run_dir, params, mesh):
