@@ -27,10 +27,12 @@ run directories, the sweep path. Every ingredient is the same random normal
 ViT-`--variant` plus its own offset: like trained weights, their mantissas
 barely compress (orbax's zstd saves ~7%).
 
-Cold cache: `sync` then `echo 3 > /proc/sys/vm/drop_caches` before each
-measurement (root only); without root, `posix_fadvise(DONTNEED)` on every
-ingredient file, which evicts their clean pages. The method used is printed
-and recorded. This empties the guest's page cache only: on a virtual machine
+Cold cache: `sync` then `echo 3 > /proc/sys/vm/drop_caches` (root only);
+without root, `posix_fadvise(DONTNEED)` on every ingredient file, which
+evicts their clean pages. Each worker drops the cache itself, once its
+imports are done, right before its clock starts, so every kind starts
+reading in the same state (see `_worker`). The method used is printed and
+recorded. This empties the guest's page cache only: on a virtual machine
 the host may still cache the disk. Warm cache: the files are read once,
 untimed, first. The 1-minute load average is printed before and after: on a
 shared machine, compare rows of one run, not runs.
@@ -73,6 +75,9 @@ _OUT = flags.DEFINE_string("out", "", "Where to write the JSON results.")
 _WORKER = flags.DEFINE_string("worker", "",
                               f"Internal: run one measurement, of {', '.join(KINDS)}.")
 _FORMAT = flags.DEFINE_string("format", "npz", "Internal: the worker's ingredient format.")
+_DROP = flags.DEFINE_string(
+    "drop_cache", "", "Internal: how the worker empties the page cache of its files as its "
+    "clock starts (a cold row), 'drop_caches' or 'fadvise'; empty for a warm row.")
 
 DROP_CACHES = "/proc/sys/vm/drop_caches"
 
@@ -200,10 +205,11 @@ def _orbax_to_numpy(run_dir):
   return dict(trees.flatten(tree))
 
 
-def _stockpot(paths):
+def _stockpot(paths, start_clock):
   """The soup step's averaging, from the metadata check to the mean on the devices.
 
-  Returns (start, seconds the metadata check took).
+  `start_clock()` is called once set up, and returns the start time. Returns
+  (start, seconds the metadata check took).
   """
   import jax  # pylint: disable=g-import-not-at-top
   from soups import averaging  # pylint: disable=g-import-not-at-top
@@ -213,7 +219,7 @@ def _stockpot(paths):
   from train import startup  # pylint: disable=g-import-not-at-top
   startup.init()  # As `python -m soups` starts; the compile cache directory is _measure's.
   mesh = sharding.make_mesh((("data", -1),))
-  start = time.perf_counter()
+  start = start_clock()
   ingredients = ingredients_lib.from_paths(paths, "params")
   abstract = soup_step.target_abstract(ingredients_lib.check_compatible(ingredients), mesh)
   checked = time.perf_counter()
@@ -238,24 +244,43 @@ def _peak_rss_mb():
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
-def _worker(kind, fmt, paths):
-  start, out = time.perf_counter(), {}
+def _worker(kind, fmt, paths, drop_method):
+  files, out = [f for p in paths for f in _files(p)], {}
+
+  def start_clock():
+    """Set up and imports done: empties the page cache (a cold row) and starts the clock.
+
+    Here, not before the process starts: on a VM whose guest reports free
+    memory to its host (virtio-balloon free page reporting, as here), memory
+    freed by the drop costs more to refill the longer it has been free, and
+    a worker that imports JAX first (2-3 s) would read in a slower state than
+    one that does not (a raw read right after a drop: 2.0 s; 10 s later: 3.7 s).
+    """
+    if drop_method:
+      _drop_cache(drop_method, files)
+    return time.perf_counter()
+
   if kind == "raw":
-    _read_files([f for p in paths for f in _files(p)])
+    start = start_clock()
+    _read_files(files)
   elif kind == "numpy":
     if fmt == "orbax":  # Imports outside the clock, as for stockpot.
       importlib.import_module("orbax.checkpoint")
-      start = time.perf_counter()
+    start = start_clock()
     _numpy_loop(fmt, paths)
-  else:
-    start, out["check_seconds"] = _stockpot(paths)  # As the soup CLI, for both soup kinds.
+  else:  # As the soup CLI, for both soup kinds.
+    start, out["check_seconds"] = _stockpot(paths, start_clock)
   out["seconds"] = time.perf_counter() - start
   out["peak_rss_mb"] = _peak_rss_mb()
   print(json.dumps(out))
 
 
-def _measure(kind, fmt, directory, count, compile_cache_dir):
-  """One measurement in a fresh process; the soup kinds compile-cache into `compile_cache_dir`."""
+def _measure(kind, fmt, directory, count, compile_cache_dir, drop_method=""):
+  """One measurement in a fresh process; the soup kinds compile-cache into `compile_cache_dir`.
+
+  `drop_method`: how the worker empties the page cache as its clock starts
+  (a cold row); '' leaves it as it is (a warm row).
+  """
   env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={_DEVICES.value}",
          "TF_CPP_MIN_LOG_LEVEL": "2"}
   with tempfile.TemporaryDirectory(prefix="soup_bench_xla_") as empty_cache:
@@ -263,7 +288,7 @@ def _measure(kind, fmt, directory, count, compile_cache_dir):
       env["JAX_COMPILATION_CACHE_DIR"] = compile_cache_dir if kind == "cached" else empty_cache
     proc = subprocess.run(
         [sys.executable, "-m", "bench.soup_step", f"--worker={kind}", f"--format={fmt}",
-         f"--data_dir={directory}", f"--counts={count}"],
+         f"--data_dir={directory}", f"--counts={count}", f"--drop_cache={drop_method}"],
         env=env, capture_output=True, text=True)
   if proc.returncode:
     raise RuntimeError(f"{kind} worker ({fmt}, N={count}) failed:\n{proc.stderr[-3000:]}")
@@ -294,11 +319,10 @@ def _run(directory, shapes, compile_cache_dir):
           # Interleaved, each repeat in a rotated order: a change of load, or of the disk's
           # pace after a long read, hits every kind.
           for kind in KINDS[repeat % len(KINDS):] + KINDS[:repeat % len(KINDS)]:
-            if cache == "cold":
-              _drop_cache(method, files)
-            else:
+            if cache == "warm":
               _read_files(files)
-            runs[kind].append(_measure(kind, fmt, directory, count, compile_cache_dir))
+            runs[kind].append(_measure(kind, fmt, directory, count, compile_cache_dir,
+                                       method if cache == "cold" else ""))
         for kind, measured in runs.items():
           row[kind] = {"seconds": float(np.median([m["seconds"] for m in measured])),
                        "peak_rss_mb": max(m["peak_rss_mb"] for m in measured),
@@ -336,7 +360,7 @@ def main(argv):
   del argv
   if _WORKER.value:
     _worker(_WORKER.value, _FORMAT.value,
-            _ingredient_paths(_DATA_DIR.value, _FORMAT.value, int(_COUNTS.value[0])))
+            _ingredient_paths(_DATA_DIR.value, _FORMAT.value, int(_COUNTS.value[0])), _DROP.value)
     return
   for name, values, known in (("formats", _FORMATS.value, FORMATS),
                                ("caches", _CACHES.value, CACHES)):
