@@ -69,8 +69,8 @@ _REPEATS = flags.DEFINE_integer(
     "repeats", 1, "Measurements of each kind per row, interleaved; the median time is "
     "reported, and the largest peak RSS.")
 _DATA_DIR = flags.DEFINE_string(
-    "data_dir", "", "Where the ingredients are written (and reused by a later run); "
-    "default: a temporary directory, deleted at the end.")
+    "data_dir", "", "Where the ingredients are written (and reused by a later run: empty it "
+    "when runs change how they write files); default: a temporary directory, deleted at the end.")
 _OUT = flags.DEFINE_string("out", "", "Where to write the JSON results.")
 _WORKER = flags.DEFINE_string("worker", "",
                               f"Internal: run one measurement, of {', '.join(KINDS)}.")
