@@ -75,9 +75,9 @@ _OUT = flags.DEFINE_string("out", "", "Where to write the JSON results.")
 _WORKER = flags.DEFINE_string("worker", "",
                               f"Internal: run one measurement, of {', '.join(KINDS)}.")
 _FORMAT = flags.DEFINE_string("format", "npz", "Internal: the worker's ingredient format.")
-_DROP = flags.DEFINE_string(
-    "drop_cache", "", "Internal: how the worker empties the page cache of its files as its "
-    "clock starts (a cold row), 'drop_caches' or 'fadvise'; empty for a warm row.")
+_DROP = flags.DEFINE_enum(
+    "drop_cache", "", ["", "drop_caches", "fadvise"], "Internal: how the worker empties the "
+    "page cache of its files as its clock starts (a cold row); empty for a warm row.")
 
 DROP_CACHES = "/proc/sys/vm/drop_caches"
 

@@ -4,7 +4,8 @@ An ingredient is read from the orbax checkpoint of a run (`<run>/checkpoints/
 <last step>/<weights>`), from an orbax item directory, or from a big_vision
 `.npz`. Before any averaging, `check_compatible` compares every ingredient's
 tree, shapes and dtypes from metadata alone; `restore` reads one ingredient
-into the target sharding, every stored byte read (and decompressed) once;
+into the target sharding, every stored byte read (and decompressed) once,
+an `.npz` mapped in place rather than copied;
 `Prefetcher` reads the next ingredient on a background thread while the
 caller works on the current one, so reading and adding overlap.
 """
@@ -166,7 +167,7 @@ def _stored_npy_header(fd, info):
 def _npz_metadata(path):
   """{key: (shape, dtype)} from the .npy headers inside an .npz, without reading the arrays."""
   try:
-    with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
+    with open(path, "rb") as f, zipfile.ZipFile(f) as archive:
       out = {}
       for info in archive.infolist():
         if info.compress_type == zipfile.ZIP_STORED:  # One small read per member.
@@ -227,8 +228,9 @@ def abstract_params(shared_metadata, shardings_fn):
 def _put(array, sharding):
   """A host array -> a global array in `sharding`, this process's shards only.
 
-  As fast as one batched `jax.device_put` of a whole tree (both slice and
-  copy in C++), and correct across processes.
+  As fast as one batched `jax.device_put` of a whole tree, and correct across
+  processes. On CPU a shard that is a contiguous, 64-byte-aligned slice of
+  `array` is that memory, not a copy.
   """
   return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
@@ -262,7 +264,7 @@ def _map_stored_npy(fd, mapped, info):
 def _read_ahead(fd):
   """Asks the kernel to read the whole file now, so the disk streams while leaves are placed.
 
-  Without it the disk idles whenever a leaf is checked and copied into its
+  Without it the disk idles whenever a leaf is checked and placed in its
   shards. A no-op where the OS has no posix_fadvise (macOS).
   """
   if hasattr(os, "posix_fadvise"):
@@ -274,13 +276,18 @@ def _restore_npz(ingredient, abstract):
 
   Every process reads the whole file: a zip member has no index to read a
   shard from. The file is mapped, not read into process memory: its stored
-  leaves are views of the page cache, alive while the ingredient is (files
-  are replaced by renames, so a later rewrite does not change a mapped one).
+  leaves are views of the page cache, alive while the ingredient is (the map
+  is never closed by hand: views of it may outlive this call). stockpot
+  replaces files by renames, which leave a mapped file as it was; a file
+  truncated in place while mapped would stop the process (SIGBUS), as for
+  any mapped file, so do not overwrite ingredients while a soup reads them.
   """
   leaves = dict(trees.flatten(abstract))
   placed = {}
   try:
-    with zipfile.ZipFile(ingredient.path) as archive, open(ingredient.path, "rb") as f:
+    # One open file for the zip directory and the data: a rename between two opens
+    # would pair one file's members with another's bytes.
+    with open(ingredient.path, "rb") as f, zipfile.ZipFile(f) as archive:
       _read_ahead(f.fileno())
       mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
       members = {_npz_key(info.filename): info for info in archive.infolist()}

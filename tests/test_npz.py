@@ -45,7 +45,3 @@ def test_every_array_starts_on_the_alignment_and_numpy_reads_it_unchanged():
       assert loaded[key].dtype == value.dtype, key
       np.testing.assert_array_equal(loaded[key], value, err_msg=key)
   assert np.load(io.BytesIO(data))["fortran"].flags.f_contiguous
-
-
-def test_the_same_arrays_give_the_same_bytes():
-  assert npz.aligned_npz_bytes(LAYOUTS) == npz.aligned_npz_bytes(dict(LAYOUTS))
