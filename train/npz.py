@@ -1,12 +1,12 @@
-"""`.npz` files whose arrays start on 64-byte boundaries, so readers can map them instead of copying.
+"""`.npz` files whose arrays start on 64-byte boundaries: readers can map them, not copy them.
 
 The file is an uncompressed zip of `.npy` members, as `np.savez` writes
 (numpy, big_vision and zip tools read it unchanged; like numpy, every local
 header carries a zip64 field); each member's zip extra field also carries
 the padding, as Android's `zipalign` pads APKs (header ID 0xD935: the
-alignment, then zeros). A reader that maps the file (soups/ingredients.py) then hands
-each array's bytes, in place in the page cache, to XLA, which on CPU uses
-64-byte-aligned host memory without a copy.
+alignment, then zeros). A reader that maps the file (soups/ingredients.py)
+then hands each array's bytes, in place in the page cache, to XLA, which
+on CPU uses 64-byte-aligned host memory without a copy.
 """
 
 import io
