@@ -57,6 +57,10 @@ def base_config():
   # shifts after every op and the head train; exports fold them into the weights.
   c.model.ssf = False
 
+  # Regexes (fullmatch) of the parameter paths that train; the rest are frozen (a linear
+  # probe: ('head/.*',)). Within SSF's own set when model.ssf is on.
+  c.trainable = (".*",)
+
   c.model_init = ""  # big_vision-style .npz to start from; empty: random init.
   c.model_load = ml_collections.ConfigDict()
   c.model_load.dont_load = ()  # Regexes of model keys that keep their init.

@@ -6,10 +6,11 @@ As a config file: `--config=eval/run_config.py:runs/x/config.json` (python
 """
 
 import json
-import os
 
 from etils import epath
 import ml_collections
+
+from train import run_dir
 
 # The keys evaluation reads; a config.json without one of them is refused, naming it.
 REQUIRED_KEYS = (
@@ -54,12 +55,8 @@ def find(weights_path):
 
   Returns None when the weights are not inside a run directory.
   """
-  run = os.path.abspath(weights_path.rstrip("/"))
-  for _ in range(3):
-    run = os.path.dirname(run)
-    if os.path.exists(os.path.join(run, "config.json")):
-      return os.path.join(run, "config.json")
-  return None
+  workdir = run_dir.containing(weights_path)
+  return run_dir.config_path(workdir) if workdir else None
 
 
 def get_config(path):

@@ -10,6 +10,7 @@ from configs import common
 from train import ema
 from train import losses
 from train import optimizer
+from train import trainable
 
 
 def _config(**overrides):
@@ -98,3 +99,32 @@ def test_ema_follows_the_weights_at_its_decay():
   np.testing.assert_allclose(high["w"], 1e-7, rtol=1e-6)  # Not 1.19e-7, as float32(0.9999999) gives.
   with pytest.raises(ValueError, match=r"config.ema.low=1.0"):
     ema.decays(ml_collections.ConfigDict(dict(low=1.0, high=0.5)))
+
+
+def test_frozen_leaves_get_no_gradient_no_update_and_no_state():
+  """config.trainable=('head/.*',), a linear probe: only the head moves, and only it has state."""
+  params = {"head": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)},
+            "body": {"kernel": jnp.ones((2, 2))}}
+  config = _config(**{"trainable": ("head/.*",), "lr": 0.1, "schedule.decay": "constant",
+                      "optimizer.name": "adam"})
+  mask = trainable.mask_fn(config)
+  assert trainable.count(params, mask) == (9, 13)
+  loss = lambda p: jnp.sum(p["body"]["kernel"] @ p["head"]["kernel"] + p["head"]["bias"])
+  grads = jax.grad(lambda p: loss(trainable.stop_frozen_gradients(p, mask)))(params)
+  assert not np.any(grads["body"]["kernel"]) and np.all(grads["head"]["kernel"] != 0)
+  tx, _ = optimizer.make_optimizer(config)
+  state = tx.init(params)
+  sizes = sum(x.size for x in jax.tree.leaves(state) if x.ndim)
+  assert sizes == 2 * 9  # Adam's two moments of the 9 head parameters, none of the body's.
+  updates, _ = tx.update(grads, state, params)
+  assert not np.any(updates["body"]["kernel"]) and np.all(updates["head"]["bias"] != 0)
+  assert trainable.mask_fn(_config()) is None  # Everything trains: no mask, no stop_gradient.
+
+
+@pytest.mark.parametrize("patterns,message", [
+    ((), r"config.trainable is empty"),
+    (("head/(",), r"config.trainable has the invalid regex 'head/\('"),
+])
+def test_bad_trainable_patterns_are_errors(patterns, message):
+  with pytest.raises(ValueError, match=message):
+    trainable.mask_fn(_config(trainable=patterns))

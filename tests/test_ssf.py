@@ -21,6 +21,7 @@ from train import pretrained
 from train import sharding
 from train import ssf
 from train import trainer
+from train import trainable as trainable_lib
 from train import trees
 from train import vit
 
@@ -58,7 +59,7 @@ def test_trainable_parameters_of_vit_b16_are_the_papers_count():
   width, mlp, depth = 768, 3072, 12
   per_block = 2 * (2 * width + 3 * width + width + mlp + width)  # 2 LNs, q/k/v, out, 2 MLP.
   vectors = 2 * width + depth * per_block + 2 * width  # Patch embedding, blocks, encoder_norm.
-  trainable, total = ssf.count_trainable(shapes)
+  trainable, total = trainable_lib.count(shapes, ssf.trainable_mask)
   assert vectors == 205_824
   assert trainable == vectors + width * 100 + 100 == 282_724
   assert total - trainable == 85_797_120  # ViT-B/16 (gap pooling, no class token), frozen.

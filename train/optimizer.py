@@ -8,8 +8,8 @@ global norm. Weight decay applies to the leaves matching
 'adam' (PyTorch's convention), decoupled and schedule-scaled for 'adamw'.
 `config.optimizer.sam_rho > 0` wraps the whole optimizer in SAM
 (`optax.contrib.sam` in opaque mode: `update` needs `grad_fn=`).
-`config.model.ssf` freezes everything but the SSF vectors and the head: the
-frozen leaves get zero updates and no optimizer state.
+Only the leaves that `config.trainable` (and SSF, see train/trainable.py)
+selects train: the frozen ones get zero updates and no optimizer state.
 """
 
 import re
@@ -17,7 +17,7 @@ import re
 import jax
 import optax
 
-from train import ssf
+from train import trainable as trainable_lib
 from train import trees
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -64,7 +64,7 @@ def make_optimizer(config):
   else:
     parts = clip + [optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps)] + decay
   tx = optax.chain(*parts, optax.scale_by_learning_rate(schedule))
-  trainable = ssf.trainable_mask if config.model.ssf else None
+  trainable = trainable_lib.mask_fn(config)
   if opt.sam_rho < 0:
     raise ValueError(f"config.optimizer.sam_rho={opt.sam_rho} must be >= 0 (0: off)")
   if opt.sam_rho:

@@ -9,7 +9,6 @@ channels), `b' = b * scale + shift`. The merged tree is a plain ViT's, with no
 extra inference cost. Only the SSF vectors and the head train.
 """
 
-import math
 import re
 
 import flax.linen as nn
@@ -52,18 +51,15 @@ def has_ssf(params):
   return any(is_ssf_param(path) for path in trees.flatten(params))
 
 
+def is_trainable(path):
+  """Whether SSF tunes the parameter at `path`: its scale/shift vectors and the head."""
+  return re.fullmatch(TRAINABLE, path) is not None
+
+
 def trainable_mask(params):
   """A tree of bools: True for the SSF vectors and the head, False for the frozen backbone."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: re.fullmatch(TRAINABLE, trees.path_str(path)) is not None, params)
-
-
-def count_trainable(params):
-  """(trainable, total) parameter counts of an SSF tree (arrays or ShapeDtypeStructs)."""
-  sizes = [math.prod(leaf.shape) for leaf in jax.tree.leaves(params)]
-  trainable = sum(size for size, keep in zip(sizes, jax.tree.leaves(trainable_mask(params)))
-                  if keep)
-  return trainable, sum(sizes)
+      lambda path, _: is_trainable(trees.path_str(path)), params)
 
 
 def merge(params):

@@ -1,7 +1,8 @@
 """The training loop: fine-tune a ViT, keep two EMAs, checkpoint, resume, export.
 
-`train_and_evaluate(config, workdir)` leaves in `workdir`:
+`train_and_evaluate(config, workdir)` leaves in `workdir` (train/run_dir.py):
   config.json        the resolved config
+  init.json          the model_init file started from, with its SHA-256
   checkpoints/<step> orbax: params, ema_low, ema_high, opt_state
   metrics.jsonl      training metrics (and tensorboard/)
   final/<name>.npz   every weight set in big_vision's layout (SSF folded in)
@@ -14,6 +15,7 @@ and dropout are functions of (seed, step).
 
 import json
 import os
+import re
 
 from absl import logging
 from etils import epath
@@ -34,12 +36,13 @@ from train import pp_spec
 from train import preprocess
 from train import preemption
 from train import pretrained
+from train import run_dir
 from train import run_log
 from train import sharding
 from train import ssf
+from train import trainable as trainable_lib
+from train import trees
 from train import vit
-
-RESULTS_FILE = "results.json"
 
 
 def _check_config(config, builder):
@@ -75,7 +78,7 @@ def _make_batch_mixer(config):
 
 def _check_workdir_config(config, workdir):
   """A workdir made by a different config is refused, not mixed."""
-  path = os.path.join(workdir, "config.json")
+  path = run_dir.config_path(workdir)
   if not os.path.exists(path):
     return
   resolved = json.loads(config.to_json())
@@ -88,9 +91,55 @@ def _check_workdir_config(config, workdir):
                      "differ): use a new --workdir, or the original config to resume")
 
 
+def _report_trainable(config, abstract_params):
+  """Prints how many parameters train when some are frozen; refuses a run where none would."""
+  mask = trainable_lib.mask_fn(config)
+  if mask is None:
+    return
+  trains, total = trainable_lib.count(abstract_params, mask)
+  what = "SSF tuning" if config.model.ssf else f"config.trainable={tuple(config.trainable)}"
+  if not trains:
+    raise ValueError(f"{what} matches no parameter of the model; parameter paths look like "
+                     f"{sorted(trees.flatten(abstract_params))[:4]}")
+  if jax.process_index() == 0:
+    print(f"[train] {what}: {trains:,} trainable parameters of {total:,}", flush=True)
+
+
+def _label_set(builder, dataset, classes):
+  names = builder.info.features["label"].names if builder.name == dataset else None
+  listed = ", ".join(names[c] for c in classes) if names and classes else "all"
+  return f"{dataset} classes {tuple(classes) or 'all'} [{listed}]"
+
+
+def warn_if_foreign_head(config, builder):
+  """Warns when model_init's head, loaded as it is, was trained on other labels than this run's.
+
+  The head loads whenever the class counts match and model_load.dont_load
+  spares it; the label sets are known when model_init was exported by a run.
+  """
+  if not config.model_init or any(re.fullmatch(p, "head/kernel")
+                                  for p in config.model_load.dont_load):
+    return
+  init_run = run_dir.containing(config.model_init)
+  if init_run is None or jax.process_index():
+    return
+  upstream = run_dir.read_config(init_run)
+  if upstream["num_classes"] != config.num_classes:
+    return  # A head of another class count is re-initialised (train/pretrained.py).
+  theirs = (upstream["input"]["dataset"], tuple(upstream["input"]["classes"]))
+  ours = (config.input.dataset, tuple(config.input.classes))
+  if theirs != ours:
+    message = (f"config.model_init={config.model_init} carries a head trained on "
+               f"{_label_set(builder, *theirs)}, and this run loads it for "
+               f"{_label_set(builder, *ours)}: its outputs mean other classes. Start from a "
+               "fresh head (config.model_load.dont_load=('head/.*',)) or, better, from a "
+               "linear probe of the init (LP-FT; see docs/soups.md)")
+    print(f"[train] WARNING {message}", flush=True)
+
+
 def _write_config(config, workdir):
   """Writes config.json once the run has started: a config that fails to start leaves none."""
-  path = os.path.join(workdir, "config.json")
+  path = run_dir.config_path(workdir)
   if not os.path.exists(path) and jax.process_index() == 0:
     files.write_json_atomic(path, json.loads(config.to_json()))
 
@@ -120,12 +169,18 @@ def _fresh_state(model, tx, config, image_shape, state_shardings):
   return jax.jit(lambda p: state_from_params(p, tx), out_shardings=state_shardings)(params)
 
 
-def make_train_step(model, tx, loss_fn, label_smoothing, ema_decays, dropout_key):
-  """One optimizer step; the EMAs follow the updated weights."""
+def make_train_step(model, tx, loss_fn, label_smoothing, ema_decays, dropout_key,
+                    trainable_mask=None):
+  """One optimizer step; the EMAs follow the updated weights.
+
+  `trainable_mask` (train/trainable.py): frozen leaves get no gradient, so a
+  linear probe's step runs no backward pass through the backbone.
+  """
   def train_step(state, batch, step):
     labels = losses.smooth_labels(batch["labels"], label_smoothing)
 
     def mean_loss(params):
+      params = trainable_lib.stop_frozen_gradients(params, trainable_mask)
       logits = model.apply({"params": params}, batch["image"], train=True,
                            rngs={"dropout": jax.random.fold_in(dropout_key, step)})
       return jnp.mean(loss_fn(logits, labels))
@@ -151,7 +206,7 @@ def jit_train_step(config, model, tx, mesh, state_shardings):
   """
   dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
   step = make_train_step(model, tx, losses.get(config.loss), config.label_smoothing,
-                         ema.decays(config.ema), dropout_key)
+                         ema.decays(config.ema), dropout_key, trainable_lib.mask_fn(config))
   return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh), None),
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
@@ -177,11 +232,10 @@ def train_and_evaluate(config, workdir):
   data.check_heldout_split(builder, config.input.train_split, config.input.heldout_split,
                            config.input.test_split)
   _check_workdir_config(config, workdir)
-  results_path = os.path.join(workdir, RESULTS_FILE)
-  if os.path.exists(results_path):
-    logging.info("%s exists: the run is complete", results_path)
-    with open(results_path) as f:
-      return json.load(f)
+  if run_dir.is_finished(workdir):
+    logging.info("%s exists: the run is complete", run_dir.results_path(workdir))
+    return run_dir.read_results(workdir)
+  warn_if_foreign_head(config, builder)
 
   classes = tuple(config.input.classes)
   splits = {key: data.open_split(builder, config.input[key], classes, f"config.input.{key}")
@@ -204,10 +258,7 @@ def train_and_evaluate(config, workdir):
   image_shape = first_batch["image"].shape[1:]
 
   abstract_state = _abstract_state(model, tx, image_shape)
-  if config.model.ssf:
-    trainable, total = ssf.count_trainable(abstract_state["params"])
-    if jax.process_index() == 0:
-      print(f"[train] SSF tuning: {trainable:,} trainable parameters of {total:,}", flush=True)
+  _report_trainable(config, abstract_state["params"])
   state_shardings = sharding.tree_shardings(mesh, abstract_state, config.param_sharding)
   if start_step:
     logging.info("Resuming from step %d", start_step)
@@ -215,6 +266,8 @@ def train_and_evaluate(config, workdir):
                                checkpoint.abstract_tree(abstract_state, state_shardings))
   else:
     state = _fresh_state(model, tx, config, image_shape, state_shardings)
+    if config.model_init and jax.process_index() == 0:
+      run_dir.write_init(workdir, config.model_init)
   _write_config(config, workdir)
 
   batch_sharding = sharding.batch_sharding(mesh)
@@ -276,12 +329,12 @@ def _finish(config, workdir, state, evaluators, writer):
     weights = {name: ssf.merge(params) for name, params in weights.items()}
   if jax.process_index() == 0:
     for name, params in weights.items():
-      pretrained.save_npz(os.path.join(workdir, "final", f"{name}.npz"), params)
+      pretrained.save_npz(run_dir.exported_weights(workdir, name), params)
     writer.write_scalars(config.total_steps, {
         f"{split}_accuracy/{name}": r["accuracy"]
         for split in ("heldout", "test") for name, r in results[split].items()})
     writer.flush()
-    files.write_json_atomic(os.path.join(workdir, RESULTS_FILE), results)
+    run_dir.write_results(workdir, results)
   for name in config.final_eval_weights if jax.process_index() == 0 else ():
     print(f"[{name}] held-out accuracy {results['heldout'][name]['accuracy']:.4f} | "
           f"test accuracy {results['test'][name]['accuracy']:.4f}")
