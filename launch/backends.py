@@ -35,9 +35,9 @@ def _device_slots(gpus, parallel):
           for i in range(parallel)]
 
 
-def run_local(sweep_dir, manifest, entries, parallel=1, gpus=(), dry_run=False, log=print):
-  """Runs `entries` on this machine, `parallel` at a time; returns the names that failed."""
-  commands = {e["name"]: train_command(manifest["base"], e, sweep_dir) for e in entries}
+def run_local(sweep_dir, base, entries, parallel=1, gpus=(), dry_run=False, log=print):
+  """Runs `entries` of trainer config `base` here, `parallel` at a time; returns the names that failed."""
+  commands = {e["name"]: train_command(base, e, sweep_dir) for e in entries}
   if dry_run:
     for command in commands.values():
       log(shlex.join(command))
@@ -79,18 +79,19 @@ def run_local(sweep_dir, manifest, entries, parallel=1, gpus=(), dry_run=False, 
   return failed
 
 
-def slurm_script(sweep_dir, manifest, entries, nodes=1, gpus_per_node=0, time_limit="24:00:00",
-                 partition="", max_parallel=0):
-  """Writes `<sweep_dir>/launch/{commands.txt,sweep.sbatch}`: one array task per run."""
+def slurm_script(sweep_dir, base, entries, nodes=1, gpus_per_node=0, time_limit="24:00:00",
+                 partition="", max_parallel=0, job="sweep"):
+  """Writes `<sweep_dir>/launch/{<job>.commands.txt,<job>.sbatch}`: one array task per run."""
   launch_dir = os.path.join(os.path.abspath(sweep_dir), "launch")
-  lines = [shlex.join(train_command(manifest["base"], e, os.path.abspath(sweep_dir), "python",
+  lines = [shlex.join(train_command(base, e, os.path.abspath(sweep_dir), "python",
                                     ("--distributed=auto",) if nodes > 1 else ()))
            for e in entries]
-  files.write_bytes_atomic(os.path.join(launch_dir, "commands.txt"), ("\n".join(lines) + "\n").encode())
+  commands = os.path.join(launch_dir, f"{job}.commands.txt")
+  files.write_bytes_atomic(commands, ("\n".join(lines) + "\n").encode())
   array = f"0-{len(entries) - 1}" + (f"%{max_parallel}" if max_parallel else "")
   header = [
       "#!/bin/bash",
-      "#SBATCH --job-name=stockpot-sweep",
+      f"#SBATCH --job-name=stockpot-{job}",
       f"#SBATCH --array={array}",
       f"#SBATCH --nodes={nodes}",
       "#SBATCH --ntasks-per-node=1",
@@ -102,19 +103,19 @@ def slurm_script(sweep_dir, manifest, entries, nodes=1, gpus_per_node=0, time_li
       "# One run per array task; with --nodes > 1, srun starts one process per node and",
       "# jax.distributed.initialize() reads SLURM's variables (--distributed=auto).",
       f"cd {shlex.quote(os.getcwd())}",
-      f'COMMAND=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {launch_dir}/commands.txt)',
+      f'COMMAND=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {commands})',
       'srun bash -c "$COMMAND"',
   ]
-  script = os.path.join(launch_dir, "sweep.sbatch")
+  script = os.path.join(launch_dir, f"{job}.sbatch")
   files.write_bytes_atomic(script, ("\n".join(header + [""] + body) + "\n").encode())
   return script
 
 
-def tpu_commands(sweep_dir, manifest, entries, tpu_name, zone, repo_dir="~/stockpot", project=""):
+def tpu_commands(sweep_dir, base, entries, tpu_name, zone, repo_dir="~/stockpot", project=""):
   """The gcloud commands that run each run on every host of a TPU pod, one run after another."""
   commands = []
   for entry in entries:
-    train = shlex.join(train_command(manifest["base"], entry, sweep_dir, "python3",
+    train = shlex.join(train_command(base, entry, sweep_dir, "python3",
                                      ("--distributed=auto",)))
     commands.append(
         ["gcloud", "compute", "tpus", "tpu-vm", "ssh", tpu_name, f"--zone={zone}", "--worker=all"]

@@ -1,16 +1,20 @@
 """manifest.json of a sweep directory: which sweep it belongs to and every run's state.
 
 {"sweep": "configs/sweeps/x.py:arg", "base": "configs/x.py:arg",
+ "start": {"name", "base", "overrides", "weights", "workdir", "status"},  (optional)
  "runs": [{"name", "overrides", "workdir", "status"}]}
 
 `workdir` is relative to the sweep directory. Runs are only ever appended:
-re-launching a grown grid keeps existing names and directories.
+re-launching a grown grid keeps existing names and directories. The start
+run (see launch/sweep.py) is trained before the grid; every run's
+`model_init` is its export.
 """
 
 import json
 import os
 
 from train import files
+from train import run_dir
 
 MANIFEST = "manifest.json"
 STATES = ("pending", "running", "interrupted", "done", "failed")
@@ -27,14 +31,36 @@ def load(sweep_dir):
     return json.load(f)
 
 
-def merge(sweep_dir, sweep_spec, base, runs):
-  """The manifest with `runs` added; a sweep_dir of another base config is refused."""
+def start_init(sweep_dir, start):
+  """The start run's exported weights: the `model_init` of every grid run."""
+  return run_dir.exported_weights(os.path.join(sweep_dir, start.name), start.weights)
+
+
+def _start_entry(start):
+  return {"name": start.name, "base": start.base, "overrides": start.overrides,
+          "weights": start.weights, "workdir": start.name, "status": "pending"}
+
+
+def merge(sweep_dir, sweep_spec, base, runs, start=None):
+  """The manifest with `runs` (and the `sweep.Start` run) added.
+
+  A sweep_dir of another base config or another start run is refused: its
+  runs were trained from something else.
+  """
   existing = load(sweep_dir)
   if existing is not None and existing["base"] != base:
     raise ValueError(
         f"{path(sweep_dir)} belongs to another sweep (base config {existing['base']!r}, "
         f"not {base!r}): use another --sweep_dir")
+  start_entry = _start_entry(start) if start else None
+  if existing is not None and _identity(existing.get("start")) != _identity(start_entry):
+    raise ValueError(
+        f"{path(sweep_dir)} belongs to a sweep with another start run "
+        f"({_identity(existing.get('start'))}, not {_identity(start_entry)}): use another "
+        "--sweep_dir")
   manifest = existing or {"sweep": sweep_spec, "base": base, "runs": []}
+  if start_entry and "start" not in manifest:
+    manifest["start"] = start_entry
   manifest["sweep"] = sweep_spec
   known = {r["name"] for r in manifest["runs"]}
   for run in runs:
@@ -44,13 +70,19 @@ def merge(sweep_dir, sweep_spec, base, runs):
   return manifest
 
 
+def _identity(start_entry):
+  """What makes two start runs the same run (not their status), as JSON reads it back."""
+  if start_entry is None:
+    return None
+  return json.loads(json.dumps({k: start_entry[k] for k in ("name", "base", "overrides",
+                                                             "weights")}))
+
+
 def run_state(sweep_dir, entry):
   """(state, last logged step, held-out accuracy or None) from the run directory itself."""
   workdir = os.path.join(sweep_dir, entry["workdir"])
-  results = os.path.join(workdir, "results.json")
-  if os.path.exists(results):
-    with open(results) as f:
-      heldout = json.load(f)["heldout"]
+  if run_dir.is_finished(workdir):
+    heldout = run_dir.read_results(workdir)["heldout"]
     accuracy = max((r["accuracy"] for r in heldout.values()), default=None)
     return "done", None, accuracy
   step = last_step(workdir)
@@ -59,6 +91,11 @@ def run_state(sweep_dir, entry):
   if alive(os.path.join(workdir, "RUNNING")):
     return "running", step, None
   return ("interrupted" if step else "pending"), step, None
+
+
+def entries(manifest):
+  """The start run's entry (if any), then every grid run's."""
+  return ([manifest["start"]] if "start" in manifest else []) + manifest["runs"]
 
 
 def last_step(workdir):
@@ -96,7 +133,7 @@ def alive(pid_file):
 
 def refresh(sweep_dir, manifest):
   """Updates every run's status from its directory and writes the manifest atomically."""
-  for entry in manifest["runs"]:
+  for entry in entries(manifest):
     entry["status"] = run_state(sweep_dir, entry)[0]
   files.write_json_atomic(path(sweep_dir), manifest)
   return manifest

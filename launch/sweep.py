@@ -2,11 +2,14 @@
 
 A sweep file `configs/sweeps/<x>.py` has `get_config(arg)` returning
 {'base': 'configs/<file>.py:<arg>', 'common': {overrides of every run},
- 'grid': [{overrides}, ...]} (see configs/grid.py). Each grid point becomes a
-run named `<short human name>-<hash of its overrides>`, so names depend only
-on what a run is, never on its position in the grid: growing the grid never
-renames a run. Every point is checked against the trainer's locked config
-before anything starts.
+ 'grid': [{overrides}, ...]} (see configs/grid.py), and optionally
+'start': {'base': 'configs/<file>.py:<arg>', 'overrides': {...}, 'name': 'linear_probe',
+ 'weights': 'params'}: one run that the launcher trains first and whose exported
+weights every grid run starts from (its `model_init`), e.g. the linear probe
+of LP-FT. Each grid point becomes a run named `<short human name>-<hash of its
+overrides>`, so names depend only on what a run is, never on its position in
+the grid: growing the grid never renames a run. Every point is checked
+against the trainer's locked config before anything starts.
 """
 
 import dataclasses
@@ -15,12 +18,24 @@ import importlib.util
 import json
 import re
 
+from train import checkpoint
+
+START_KEYS = ("base", "overrides", "name", "weights")
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
   name: str
   overrides: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+  """The run every grid run starts from; its `weights` export becomes their `model_init`."""
+  name: str
+  base: str
+  overrides: dict
+  weights: str
 
 
 def _load_module(path):
@@ -42,6 +57,15 @@ def load(sweep_spec):
     raise ValueError(f"sweep {path}: get_config() must return 'base' and 'grid'; missing {sorted(missing)}")
   if not sweep["grid"]:
     raise ValueError(f"sweep {sweep_spec}: the grid is empty")
+  start = sweep.get("start")
+  if start is not None:
+    unknown = set(start) - set(START_KEYS)
+    if "base" not in start or unknown:
+      raise ValueError(f"sweep {path}: 'start' needs 'base' and takes only {START_KEYS}; got "
+                       f"{sorted(start)}")
+    if start.get("weights", "params") not in checkpoint.WEIGHT_NAMES:
+      raise ValueError(f"sweep {path}: start weights {start['weights']!r}; known: "
+                       f"{checkpoint.WEIGHT_NAMES}")
   return sweep
 
 
@@ -84,12 +108,31 @@ def check_overrides(config, overrides, where):
       raise ValueError(f"{where}: {key}={value!r} has the wrong type: {e}") from e
 
 
-def expand(sweep, sweep_spec):
-  """The sweep's runs, each checked; two points resolving to the same run is an error."""
+def start_run(sweep, sweep_spec):
+  """The sweep's `Start` run, its overrides checked; None when the sweep has none."""
+  start = sweep.get("start")
+  if start is None:
+    return None
+  start = Start(start.get("name", "start"), start["base"], dict(start.get("overrides", {})),
+                start.get("weights", "params"))
+  check_overrides(base_config(start.base), start.overrides, f"{sweep_spec}, start run")
+  return start
+
+
+def expand(sweep, sweep_spec, start_init=""):
+  """The sweep's runs, each checked; two points resolving to the same run is an error.
+
+  `start_init`: the start run's exported weights, every run's `model_init`.
+  """
   config = base_config(sweep["base"])
   runs, seen = [], {}
   for index, point in enumerate(sweep["grid"]):
     overrides = {**sweep.get("common", {}), **point}
+    if start_init:
+      if "model_init" in overrides:
+        raise ValueError(f"{sweep_spec}, grid point {index}: sets model_init, but the sweep's "
+                         "start run gives every run its model_init")
+      overrides["model_init"] = start_init
     check_overrides(config, overrides, f"{sweep_spec}, grid point {index} {point}")
     key = _canonical(overrides)
     if key in seen:

@@ -19,11 +19,12 @@ from train import pretrained
 BASE = "configs/fashion_mnist.py:stage=pretrain,runlocal,variant=mu/4"
 
 
-def _write_sweep(tmp_path, points, common=None, base=BASE, name="sweep.py"):
+def _write_sweep(tmp_path, points, common=None, base=BASE, name="sweep.py", start=None):
   path = tmp_path / name
   path.write_text(
       "def get_config(arg=None):\n"
-      f"  return {{'base': {base!r}, 'common': {common or {}!r}, 'grid': {points!r}}}\n")
+      f"  return {{'base': {base!r}, 'common': {common or {}!r}, 'grid': {points!r}"
+      + (f", 'start': {start!r}" if start else "") + "}\n")
   return str(path)
 
 
@@ -80,15 +81,15 @@ def test_a_sweep_dir_of_another_sweep_is_refused(tmp_path):
 def test_slurm_and_tpu_backends_write_the_commands(tmp_path):
   runs = sweep_lib.expand(sweep_lib.load(_write_sweep(tmp_path, grid.product(lr=[0.1, 0.3]))), "s")
   manifest = manifest_lib.merge(str(tmp_path / "sw"), "s", BASE, runs)
-  script = backends.slurm_script(str(tmp_path / "sw"), manifest, manifest["runs"], nodes=2,
+  script = backends.slurm_script(str(tmp_path / "sw"), BASE, manifest["runs"], nodes=2,
                                  gpus_per_node=8, max_parallel=1)
   text = open(script).read()
   assert "#SBATCH --array=0-1%1" in text and "#SBATCH --nodes=2" in text
   assert "#SBATCH --gres=gpu:8" in text and 'srun bash -c "$COMMAND"' in text
-  commands = open(os.path.join(os.path.dirname(script), "commands.txt")).read().splitlines()
+  commands = open(os.path.join(os.path.dirname(script), "sweep.commands.txt")).read().splitlines()
   assert len(commands) == 2 and all("--distributed=auto" in c for c in commands)
   assert f"--workdir={tmp_path}/sw/{runs[0].name}" in commands[0] and "--config.lr=0.1" in commands[0]
-  tpu = backends.tpu_commands(str(tmp_path / "sw"), manifest, manifest["runs"], "pod", "us-east5-b")
+  tpu = backends.tpu_commands(str(tmp_path / "sw"), BASE, manifest["runs"], "pod", "us-east5-b")
   assert tpu[0][:7] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod", "--zone=us-east5-b"]
   assert "--worker=all" in tpu[0] and "python3 -m train" in tpu[0][-1]
   assert "--distributed=auto" in tpu[0][-1]
@@ -111,6 +112,42 @@ def test_local_sweep_runs_skips_finished_runs_and_reports_status(tmp_path, data_
   for run in manifest["runs"]:
     assert run["name"] in status
   assert "10/10" in status and "2 done" in status and "%" in status
+
+
+def test_a_start_run_gives_every_run_its_model_init_and_comes_first_on_slurm(tmp_path):
+  start = {"name": "linear_probe", "base": "configs/fashion_mnist.py:stage=linear_probe,runlocal",
+           "overrides": {"total_steps": 10}}
+  sweep = _write_sweep(tmp_path, grid.product(lr=[0.1, 0.3]), start=start)
+  sweep_dir = tmp_path / "sw"
+  printed = run_module("launch", f"--sweep={sweep}", f"--sweep_dir={sweep_dir}", "--backend=slurm")
+  assert "start run linear_probe (configs/fashion_mnist.py:stage=linear_probe,runlocal): to run first" \
+      in printed.stdout
+  init = f"--config.model_init={sweep_dir}/linear_probe/final/params.npz"
+  grid_commands = (sweep_dir / "launch" / "sweep.commands.txt").read_text().splitlines()
+  assert len(grid_commands) == 2 and all(init in c for c in grid_commands)
+  start_commands = (sweep_dir / "launch" / "start.commands.txt").read_text().splitlines()
+  assert len(start_commands) == 1 and "stage=linear_probe" in start_commands[0]
+  assert f"--workdir={sweep_dir}/linear_probe" in start_commands[0]
+  assert (f"START_JOB=$(sbatch --parsable {sweep_dir}/launch/start.sbatch) && sbatch "
+          f"--dependency=afterok:$START_JOB {sweep_dir}/launch/sweep.sbatch") in printed.stdout
+  manifest = json.loads((sweep_dir / "manifest.json").read_text())
+  assert manifest["start"]["name"] == "linear_probe" and manifest["start"]["status"] == "pending"
+  assert "linear_probe" in run_module("launch", "status", f"--sweep_dir={sweep_dir}").stdout
+
+
+@pytest.mark.parametrize("start,points,message", [
+    ({"overrides": {}}, [{"lr": 0.1}], r"'start' needs 'base'"),
+    ({"base": BASE, "weights": "ema_mid"}, [{"lr": 0.1}], r"start weights 'ema_mid'"),
+    ({"base": BASE, "overrides": {"lr_typo": 1}}, [{"lr": 0.1}], r"start run.*'lr_typo' is not a key"),
+    ({"base": BASE}, [{"model_init": "x.npz"}], r"grid point 0: sets model_init, but the sweep's "
+                                                r"start run gives every run its model_init"),
+])
+def test_bad_start_runs_are_errors(tmp_path, start, points, message):
+  path = _write_sweep(tmp_path, points, start=start)
+  with pytest.raises(ValueError, match=message):
+    sweep = sweep_lib.load(path)
+    sweep_lib.start_run(sweep, path)
+    sweep_lib.expand(sweep, path, "start.npz")
 
 
 def _free_port():
