@@ -44,14 +44,21 @@ def _rows(results):
   return rows
 
 
-def markdown(results, journal):
-  """The report's text."""
+def _warning_lines(results):
+  """The soup step's pre-flight warnings (soups/preflight.py), as a list before the table."""
+  warnings = results.get("warnings") or []
+  return ["**Pre-flight warnings:**", "", *[f"- {w}" for w in warnings], ""] if warnings else []
+
+
+def markdown(results, journal, sections=()):
+  """The report's text; `sections`: more markdown lines at the end (e.g. the soup diagnostics)."""
   shift_names = sorted({k for _, r in _rows(results) for k in (r.get("shift_acc") or {})})
   header = ["model", "held-out %", "test %"] + [f"{s} %" for s in shift_names]
   header += ["shift avg %"] if shift_names else []
   lines = ["# Soup report", "",
            f"{len(results['ingredients'])} ingredients. Accuracies in %; the held-out split "
            "ranks and selects, test and shifts are measured after.", "",
+           *_warning_lines(results),
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for label, row in _rows(results):
     cells = [label, _pct(row["heldout_acc"]), _pct(row["test_acc"])]
@@ -80,7 +87,7 @@ def markdown(results, journal):
     for p in wise["points"]:
       lines.append(f"| {p['alpha']:g} | {_pct(p['heldout_acc'])} | {_pct(p['test_acc'])} | "
                    f"{_pct(shift_average(p))} |")
-  lines += ["", "Plots: " + ", ".join(f"![{p[:-4]}]({p})" for p in PLOTS), ""]
+  lines += ["", "Plots: " + ", ".join(f"![{p[:-4]}]({p})" for p in PLOTS), "", *sections]
   return "\n".join(lines)
 
 
@@ -174,8 +181,8 @@ def read_results(soup_dir):
     return json.load(f)
 
 
-def write_report(soup_dir):
-  """Writes report.md and the plots into `soup_dir`; returns the report's path."""
+def write_report(soup_dir, sections=()):
+  """Writes report.md (with `sections`, see `markdown`) and the plots into `soup_dir`; returns its path."""
   results = read_results(soup_dir)
   journal = read_journal(soup_dir)
   _scatter(results, lambda r: r["heldout_acc"], "held-out accuracy (%)",
@@ -185,7 +192,7 @@ def write_report(soup_dir):
   if journal:
     _greedy_plot(journal, os.path.join(soup_dir, PLOTS[2]))
   path = os.path.join(soup_dir, "report.md")
-  files.write_bytes_atomic(path, markdown(results, journal).encode())
+  files.write_bytes_atomic(path, markdown(results, journal, sections).encode())
   return path
 
 

@@ -5,24 +5,15 @@ r"""Cooks soups from the runs of a sweep or from explicit checkpoints.
   python -m soups --ingredients=runs/a,runs/b/final/ema_low.npz --soup_dir=/tmp/soup
 """
 
-import os
-
 from absl import app
 from absl import flags
 from absl import logging
 
-from soups import ingredients as ingredients_lib
+from soups import cli
 from soups import soup_step
-from train import checkpoint
 from train import startup
 
-_SWEEP_DIR = flags.DEFINE_string("sweep_dir", "", "A sweep directory (its manifest.json lists the runs).")
-_INGREDIENTS = flags.DEFINE_list(
-    "ingredients", [], "Run directories, orbax item directories or .npz files (instead of --sweep_dir).")
-_WEIGHTS = flags.DEFINE_enum("weights", "ema_low", checkpoint.WEIGHT_NAMES,
-                             "Which weight set of each run to soup (the paper uses the low EMA).")
 _RECIPES = flags.DEFINE_list("recipes", list(soup_step.RECIPES), "Recipes to cook.")
-_SOUP_DIR = flags.DEFINE_string("soup_dir", "", "Output directory; default <sweep_dir>/soups/<weights>.")
 _SHIFT_SUITE = flags.DEFINE_string("shift_suite", "", "A distribution-shift suite of eval/ to report.")
 _EARLY_ABORT = flags.DEFINE_bool("greedy_early_abort", True,
                                  "Stop evaluating a greedy candidate once it cannot be kept.")
@@ -36,15 +27,7 @@ _WISE_FT_ALPHAS = flags.DEFINE_list("wise_ft_alphas", ["0", "0.25", "0.5", "0.75
 def main(argv):
   del argv
   startup.init()
-  if bool(_SWEEP_DIR.value) == bool(_INGREDIENTS.value):
-    raise app.UsageError("give exactly one of --sweep_dir and --ingredients")
-  if _INGREDIENTS.value and not _SOUP_DIR.value:
-    raise app.UsageError("--soup_dir is required with --ingredients")
-  if _SWEEP_DIR.value:
-    ingredients = ingredients_lib.from_sweep(_SWEEP_DIR.value, _WEIGHTS.value)
-  else:
-    ingredients = ingredients_lib.from_paths(_INGREDIENTS.value, _WEIGHTS.value)
-  soup_dir = _SOUP_DIR.value or os.path.join(_SWEEP_DIR.value, "soups", _WEIGHTS.value)
+  ingredients, soup_dir = cli.ingredients_and_soup_dir()
   options = soup_step.Options(
       recipes=tuple(_RECIPES.value), greedy_early_abort=_EARLY_ABORT.value,
       learned_mode=_LEARNED_MODE.value, learned_epochs=_LEARNED_EPOCHS.value,

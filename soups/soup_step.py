@@ -6,7 +6,8 @@
   greedy_journal.jsonl  one line per greedy candidate (see greedy.py)
   <recipe>/params.npz   each soup's weights, big_vision layout
   <recipe>/orbax/       the same, as an orbax checkpoint (sharded restore)
-  results.json          {"ingredients": [...], "soups": {...}, "wise_ft": {...}}
+  results.json          {"ingredients": [...], "soups": {...}, "wise_ft": {...},
+                         "warnings": [pre-flight warnings, soups/preflight.py]}
   report.md, *.png      the report (eval/report.py)
 
 Every piece is written atomically as soon as it is known and reused when the
@@ -27,10 +28,12 @@ import orbax.checkpoint as ocp
 from eval import evaluators as eval_lib
 from eval import report
 from soups import averaging
+from soups import diagnostics_report
 from soups import ensemble
 from soups import greedy
 from soups import ingredients as ingredients_lib
 from soups import learned
+from soups import preflight
 from train import accuracy
 from train import files
 from train import losses
@@ -128,14 +131,17 @@ def _save_weights(soup_dir, recipe, params):
   checkpointer.wait_until_finished()
 
 
-class SoupKitchen:
-  """Everything the recipes share: model, mesh, target sharding, evaluators, outputs."""
+class SoupSetup:
+  """What every pass over a soup's ingredients needs: run config, mesh, target sharding, model.
 
-  def __init__(self, ingredients, soup_dir, options):
-    self.ingredients, self.soup_dir, self.options = ingredients, soup_dir, options
+  Built from the ingredients alone: their trees are checked compatible and
+  their run configs agree on `SHARED_KEYS`.
+  """
+
+  def __init__(self, ingredients, eval_batch_size=0):
+    self.ingredients = ingredients
     self.shared_metadata = ingredients_lib.check_compatible(ingredients)
-    self.config = shared_config(ingredients)
-    config = self.config
+    self.config = config = shared_config(ingredients)
     self.mesh = sharding.make_mesh((("data", -1),))
     self.abstract = target_abstract(self.shared_metadata, self.mesh)
     # SSF runs: their checkpoints hold the SSF vectors (soups of those are exported
@@ -143,17 +149,43 @@ class SoupKitchen:
     self.model = vit.build_model(ssf.model_config_for(config.model, self.shared_metadata),
                                  config.num_classes)
     self.loss_fn = losses.get(config.loss)
-    evaluators = eval_lib.Evaluators(config, self.model, self.mesh,
-                                     jax.tree.map(lambda a: a.sharding, self.abstract),
-                                     options.eval_batch_size)
-    self.heldout = evaluators.split("heldout")
-    self.test = evaluators.split("test")
-    self.shifts = evaluators.suite(options.shift_suite) if options.shift_suite else {}
-    os.makedirs(soup_dir, exist_ok=True)
-    self.out = _Writer(soup_dir)
+    self.evaluators = eval_lib.Evaluators(config, self.model, self.mesh,
+                                          jax.tree.map(lambda a: a.sharding, self.abstract),
+                                          eval_batch_size)
+    self.heldout = self.evaluators.split("heldout")
 
   def restore(self, ingredient):
     return ingredients_lib.restore(ingredient, self.abstract)
+
+  def pretrained_init(self):
+    """The runs' starting point θ0: their model_init loaded as the trainer loads it, sharded."""
+    config = self.config
+    if not config.model_init:
+      raise ValueError("the runs' config.model_init is empty (they trained from scratch): there "
+                       "is no shared pre-trained init")
+    image = next(self.heldout.global_batches())["image"]
+    init = jax.jit(lambda rng: self.model.init(rng, image[:1])["params"])(
+        jax.random.key(config.seed))
+    loaded = pretrained.load_pretrained(
+        sharding.to_host(init), config.model_init, dont_load=config.model_load.dont_load,
+        ignore=config.model_load.ignore)
+    return jax.tree.map(lambda x, a: jax.device_put(np.asarray(x, a.dtype), a.sharding),
+                        loaded, self.abstract)
+
+
+class SoupKitchen(SoupSetup):
+  """A `SoupSetup` plus the test and shift evaluators and the soup directory's outputs."""
+
+  def __init__(self, ingredients, soup_dir, options):
+    super().__init__(ingredients, options.eval_batch_size)
+    self.soup_dir, self.options = soup_dir, options
+    self.test = self.evaluators.split("test")
+    self.shifts = self.evaluators.suite(options.shift_suite) if options.shift_suite else {}
+    os.makedirs(soup_dir, exist_ok=True)
+    self.out = _Writer(soup_dir)
+    self.out.results["warnings"] = preflight.warnings(ingredients)
+    for warning in self.out.results["warnings"] if jax.process_index() == 0 else ():
+      print(f"[soups] WARNING {warning}", flush=True)
 
   def evaluate(self, params, with_heldout=True):
     """{'heldout_acc', 'test_acc', 'shift_acc': {name: acc}} of one set of weights."""
@@ -250,25 +282,9 @@ def cook_ensemble(kitchen):
   kitchen.out.save()
 
 
-def _pretrained_init(kitchen):
-  """The fine-tuning runs' starting point: their model_init loaded as the trainer loads it."""
-  config = kitchen.config
-  if not config.model_init:
-    raise ValueError("WiSE-FT needs the pre-trained weights, but the runs' config.model_init "
-                     "is empty (they trained from scratch)")
-  image = next(kitchen.heldout.global_batches())["image"]
-  init = jax.jit(lambda rng: kitchen.model.init(rng, image[:1])["params"])(
-      jax.random.key(config.seed))
-  loaded = pretrained.load_pretrained(
-      sharding.to_host(init), config.model_init, dont_load=config.model_load.dont_load,
-      ignore=config.model_load.ignore)
-  return jax.tree.map(lambda x, a: jax.device_put(np.asarray(x, a.dtype), a.sharding),
-                      loaded, kitchen.abstract)
-
-
 def cook_wise_ft(kitchen, endpoint_params, endpoint_name):
   """Interpolates from the pre-trained init to `endpoint_params` over the configured alphas."""
-  start = _pretrained_init(kitchen)
+  start = kitchen.pretrained_init()
   points = []
   for alpha in kitchen.options.wise_ft_alphas:
     mixed = averaging.interpolate(start, endpoint_params, alpha)
@@ -307,7 +323,7 @@ def cook(ingredients, soup_dir, options=None):
       params = kitchen.restore(next(i for i in ingredients if i.name == endpoint))
     cook_wise_ft(kitchen, params, endpoint)
   if jax.process_index() == 0:
-    report.write_report(soup_dir)
+    report.write_report(soup_dir, diagnostics_report.markdown(soup_dir))
   return kitchen.out.results
 
 

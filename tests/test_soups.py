@@ -15,9 +15,12 @@ from eval import __main__ as eval_cli
 from eval import report as report_lib
 from eval import shifts
 from soups import averaging
+from soups import diagnose
+from soups import diagnostics_report
 from soups import greedy
 from soups import ingredients as ingredients_lib
 from soups import learned
+from soups import preflight
 from soups import soup_step
 from tests.helpers import run_module
 from tests.soup_helpers import npz_ingredients, random_tree, soup_abstract
@@ -267,3 +270,91 @@ def test_report_matches_results_and_direct_evaluation(cooked, finetuned_runs):
     assert os.path.getsize(path) > 10_000, plot
     with Image.open(path) as image:
       assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 50, plot
+
+
+def _run_copy(run, root, name, weights=None, **config_changes):
+  """A copy of `run`'s config.json (with `config_changes`, dotted keys) and init record as
+  <root>/<name>, holding `weights` (or the run's own) as final/ema_low.npz."""
+  copy = root / name
+  (copy / "final").mkdir(parents=True)
+  config = json.loads(open(os.path.join(run, "config.json")).read())
+  for key, value in config_changes.items():
+    node = config
+    *parents, last = key.split(".")
+    for part in parents:
+      node = node[part]
+    node[last] = value
+  (copy / "config.json").write_text(json.dumps(config))
+  shutil.copy(os.path.join(run, "init.json"), copy / "init.json")
+  if weights is None:
+    weights = pretrained.load_npz(os.path.join(run, "final", "ema_low.npz"))
+  pretrained.save_npz(str(copy / "final" / "ema_low.npz"), weights)
+  return str(copy / "final" / "ema_low.npz")
+
+
+@pytest.mark.slow
+def test_diagnostics_of_known_geometry(finetuned_runs, pretrained_npz, tmp_path):
+  """A run, an exact copy (0°) and its reflection through the init (180°), among real runs."""
+  run = finetuned_runs[0]
+  weights = pretrained.load_npz(os.path.join(run, "final", "ema_low.npz"))
+  init = pretrained.load_npz(pretrained_npz)  # θ0: the runs load every key of it.
+  reflected = {k: (2 * init[k].astype(np.float64) - v).astype(np.float32) for k, v in weights.items()}
+  paths = [os.path.join(r, "final", "ema_low.npz") for r in finetuned_runs]
+  paths += [_run_copy(run, tmp_path, "copy"), _run_copy(run, tmp_path, "reflected", reflected)]
+  ingredients = ingredients_lib.from_paths(paths, "ema_low")
+  names = [i.name for i in ingredients]
+  first, second = names[0], names[1]
+  data = diagnose.diagnose(ingredients, str(tmp_path / "soup"), pairs=[f"{first}:{second}",
+                           f"{first}:copy"], alphas=5, landscape_grid=3, block=4)
+  angle = lambda a, b: data["angle_deg"][names.index(a)][names.index(b)]
+  assert angle(first, "copy") == pytest.approx(0.0, abs=0.01)
+  assert angle(first, "reflected") == pytest.approx(180.0, abs=0.5)
+  assert 0.5 < angle(first, second) < 179.5
+  for layer in data["layers"]:
+    layer_angle = data["angle_deg_per_layer"][layer][names.index(first)][names.index("copy")]
+    assert layer_angle is None or layer_angle == pytest.approx(0.0, abs=0.01), layer
+  assert {"embedding", "encoderblock_0", "head"} <= set(data["layers"])
+  # The block pass (2 blocks of 4) met every pair: the matrix is full and symmetric.
+  angles = np.array(data["angle_deg"], dtype=np.float64)
+  np.testing.assert_allclose(angles, angles.T)
+  own = dict(zip(names, data["heldout_acc"]))
+  line, same = data["pairs"]
+  assert line["heldout_acc"][0] == own[first] and line["heldout_acc"][-1] == own[second]
+  assert line["alphas"] == [0.0, 0.25, 0.5, 0.75, 1.0] and line["loss_barrier"] >= 0
+  assert same["soup_acc"] == same["ensemble_acc"] == own[first] and same["acc_barrier"] == 0
+  soups = np.array(data["pair_soup_acc"], dtype=np.float64)
+  ensembles = np.array(data["pair_ensemble_acc"], dtype=np.float64)
+  i, j = names.index(first), names.index("copy")
+  assert soups[i, j] == ensembles[i, j] == own[first]
+  assert soups[i, names.index(second)] == line["heldout_acc"][2]  # The midpoint, twice measured.
+  plane = data["plane"]
+  assert plane["pair"] == [first, second] and np.array(plane["heldout_error"]).shape == (3, 3)
+  assert plane["points"]["init"] == [0.0, 0.0] and plane["points"]["a"][1] == 0.0
+  for plot in diagnostics_report.PLOTS.values():
+    assert os.path.getsize(tmp_path / "soup" / plot) > 10_000, plot
+  assert diagnostics_report.read(str(tmp_path / "soup")) == json.loads(json.dumps(data))
+  section = "\n".join(diagnostics_report.markdown(str(tmp_path / "soup")))
+  assert "## Diagnostics (held-out split)" in section and f"{first} ↔ copy | 0.0°" in section
+
+
+@pytest.mark.slow
+def test_preflight_warns_on_mixed_inits_heads_and_losses(finetuned_runs, tmp_path):
+  ingredients = ingredients_lib.from_paths(finetuned_runs, "ema_low")
+  assert preflight.warnings(ingredients) == []  # One init, one head init, one loss.
+  other_init = _run_copy(finetuned_runs[0], tmp_path, "other_init")
+  record = json.loads(open(tmp_path / "other_init" / "init.json").read())
+  (tmp_path / "other_init" / "init.json").write_text(json.dumps({**record, "sha256": "f" * 64}))
+  sigmoid = _run_copy(finetuned_runs[1], tmp_path, "sigmoid", loss="sigmoid_xent")
+  fresh_head = _run_copy(finetuned_runs[2], tmp_path, "fresh_head",
+                         **{"model_load.dont_load": ["head/.*"]})
+  mixed = ingredients + ingredients_lib.from_paths([other_init, sigmoid, fresh_head], "ema_low")
+  init_warning, head_warning, loss_warning = preflight.warnings(mixed)
+  assert "did not start from the same weights" in init_warning
+  assert "(sha256 ffffffffffff): other_init" in init_warning and "LP-FT" in init_warning
+  assert "initialised their heads differently" in head_warning
+  assert "model_load.dont_load=('head/.*',): fresh_head" in head_warning
+  assert "trained with different losses" in loss_warning and "loss=sigmoid_xent: sigmoid" in loss_warning
+  soup_dir = tmp_path / "soup"
+  results = soup_step.cook(mixed, str(soup_dir), soup_step.Options(recipes=("uniform",)))
+  assert results["warnings"] == [init_warning, head_warning, loss_warning]
+  assert f"- {loss_warning}" in (soup_dir / "report.md").read_text()
