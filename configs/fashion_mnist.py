@@ -1,28 +1,29 @@
 r"""Fashion-MNIST, the embedded default: pre-train upstream, fine-tune downstream.
 
-The ten classes are split in two tasks. Upstream (T-shirt, pullover, coat,
-shirt, bag) pre-trains a small ViT from scratch and exports it as a
-big_vision `.npz`; downstream (trouser, dress, sandal, sneaker, ankle boot)
-fine-tunes from that `.npz`, as one would fine-tune an ImageNet-21k ViT.
+The ten classes are split in two tasks. Upstream (T-shirt, trouser, coat,
+sandal, bag: every kind of garment, as ImageNet-21k covers ImageNet-1k's
+kinds) pre-trains a small ViT from scratch and exports it as a big_vision
+`.npz`; downstream (pullover, dress, shirt, sneaker, ankle boot) fine-tunes
+from that `.npz`, as one would fine-tune an ImageNet-21k ViT.
 Data builds offline from Debian's dataset-fashion-mnist (see README).
 
-Pre-train, then fine-tune from the exported weights:
+Pre-train; fit a linear probe of the exported weights on the downstream
+classes; fine-tune from the probe (LP-FT, Kumar et al. 2022):
 
   python -m train --config=configs/fashion_mnist.py:stage=pretrain \
       --workdir=runs/fmnist_pretrain
   python -m train \
-      --config=configs/fashion_mnist.py:init=runs/fmnist_pretrain/final/params.npz \
-      --workdir=runs/fmnist_finetune --config.lr=0.003
-
-  python -m train \
       --config=configs/fashion_mnist.py:stage=linear_probe,init=runs/fmnist_pretrain/final/params.npz \
       --workdir=runs/fmnist_probe
+  python -m train \
+      --config=configs/fashion_mnist.py:init=runs/fmnist_probe/final/params.npz \
+      --workdir=runs/fmnist_finetune --config.lr=0.05
 
 Arguments: stage=pretrain|linear_probe|finetune (default finetune), init=<npz>
 (linear_probe, finetune), variant=<ViT variant> (default pico/7), runlocal (a
-smoke run of a few steps). `linear_probe` fits a fresh head on the frozen
-backbone of `init` (the LP of LP-FT, Kumar et al. 2022): a sweep's runs start
-from its export (configs/sweeps/fashion_mnist.py).
+smoke run of a few steps). `linear_probe` trains a fresh head on the frozen
+backbone of `init`; a sweep's runs start from its export
+(configs/sweeps/fashion_mnist.py, docs/soups.md).
 """
 
 from configs import common
