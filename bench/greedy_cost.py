@@ -13,8 +13,8 @@ What is and is not measured:
     `cook` reuses them and no per-ingredient pass runs; both searches rank
     the same accuracies. Batches and images come from each cook's own
     results.json (`soups.greedy.search`) and greedy journal.
-  * Wall time is that of `greedy.greedy_soup` alone, timed by wrapping it
-    while `cook` runs (not the test-set evaluation, weight export or report
+  * Wall time is that of `greedy.greedy_soup` alone, timed by a greedy
+    recipe that wraps it, given to `cook` in place of the default one (not the test-set evaluation, weight export or report
     that follow it). Before the clock starts, the wrapper compiles the
     held-out step and the running sum and makes one full held-out pass,
     which also fills the held-out split's host cache, as the per-ingredient
@@ -38,24 +38,23 @@ What is and is not measured:
       --out=bench/results/greedy_cost.json
 """
 
-import json
+import functools
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-from unittest import mock
 
 from absl import app
 from absl import flags
 import jax
 
-from eval import report
+from launch import manifest as manifest_lib
 from soups import averaging
-from soups import ensemble
 from soups import greedy
 from soups import ingredients as ingredients_lib
+from soups import soup_dir as soup_dir_lib
 from soups import soup_step
 from train import checkpoint
 from train import files
@@ -78,7 +77,6 @@ LABELS = {"early_abort": "early abort", "no_early_abort": "no early abort",
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
-_SEARCH = greedy.greedy_soup  # The real search, which the probe below wraps.
 
 
 class CompileClock:
@@ -120,7 +118,7 @@ def _warm_up(evaluator, weights, running_sum=None):
 
 
 class SearchProbe:
-  """Stands in for `greedy.greedy_soup` while `cook` runs: warms up, then times the real search."""
+  """Stands in for `greedy.greedy_soup` in the greedy recipe: warms up, then times the real search."""
 
   def __init__(self, compile_clock):
     self.clock, self.last = compile_clock, None
@@ -135,7 +133,7 @@ class SearchProbe:
     restore = _counting(restore)
     compiled = self.clock.seconds
     start = time.perf_counter()
-    params, kept, acc, stats = _SEARCH(ingredients, heldout_acc, restore, running_sum,
+    params, kept, acc, stats = greedy.greedy_soup(ingredients, heldout_acc, restore, running_sum,
                                        evaluator, journal_path, **kwargs)
     jax.block_until_ready(params)
     self.last = {"seconds": time.perf_counter() - start, "warmup_s": warmup,
@@ -147,9 +145,9 @@ class SearchProbe:
 
 def _seed(ingredients, directory, options):
   """Evaluates every ingredient once; returns the kitchen (warm held-out cache) and its files."""
-  kitchen = soup_step.SoupKitchen(ingredients, directory, options)
-  kitchen.evaluate_ingredients()
-  return kitchen, [os.path.join(directory, n) for n in (soup_step.EVALUATIONS, ensemble.LOGITS_FILE)]
+  kitchen, _ = soup_step.prepare(ingredients, directory, options)
+  return kitchen, [soup_dir_lib.path(directory, n)
+                   for n in (soup_dir_lib.EVALUATIONS, soup_dir_lib.ENSEMBLE_LOGITS)]
 
 
 def _seed_state(soup_dir):
@@ -158,9 +156,8 @@ def _seed_state(soup_dir):
   `cook` rewrites evaluations.json even when it reuses every entry, so its
   content is compared; the logit sums are saved only when an ingredient is added.
   """
-  with open(os.path.join(soup_dir, soup_step.EVALUATIONS)) as f:
-    evaluations = json.load(f)
-  return evaluations, os.stat(os.path.join(soup_dir, ensemble.LOGITS_FILE)).st_mtime_ns
+  return (soup_dir_lib.read_evaluations(soup_dir),
+          os.stat(soup_dir_lib.path(soup_dir, soup_dir_lib.ENSEMBLE_LOGITS)).st_mtime_ns)
 
 
 def cook_once(ingredients, soup_dir, seed_files, early_abort, probe):
@@ -173,14 +170,14 @@ def cook_once(ingredients, soup_dir, seed_files, early_abort, probe):
                               eval_batch_size=_EVAL_BATCH.value)
   probe.last = None
   start = time.perf_counter()
-  with mock.patch.object(greedy, "greedy_soup", probe):
-    results = soup_step.cook(ingredients, soup_dir, options)
+  recipes = {**soup_step.RECIPES, "greedy": functools.partial(soup_step.cook_greedy, search=probe)}
+  results = soup_step.cook(ingredients, soup_dir, options, recipes)
   cook_seconds = time.perf_counter() - start
   if probe.last is None or _seed_state(soup_dir) != seeded:
     sys.exit(f"greedy_cost: cook in {soup_dir} did not run the search on the pre-seeded "
              "evaluations (it re-evaluated the ingredients or skipped the greedy recipe)")
   row = dict(probe.last)
-  journal = report.read_journal_file(os.path.join(soup_dir, greedy.JOURNAL))
+  journal = soup_dir_lib.read_journal(soup_dir)
   batch, examples = row["batch_size"], row["examples"]
   greedy_result = results["soups"]["greedy"]
   row.update(
@@ -195,8 +192,8 @@ def cook_once(ingredients, soup_dir, seed_files, early_abort, probe):
 
 def naive_search(kitchen, heldout_acc, clock):
   """Greedy search that re-averages kept + candidate from scratch and evaluates it in full."""
-  evaluator, examples = kitchen.heldout, len(kitchen.heldout.split)
-  restore = _counting(kitchen.restore)
+  evaluator, examples = kitchen.setup.heldout, len(kitchen.setup.heldout.split)
+  restore = _counting(kitchen.setup.restore)
   compiled, start = clock.seconds, time.perf_counter()
   order = greedy.candidate_order(kitchen.ingredients, heldout_acc)
   kept = [order[0]]
@@ -205,7 +202,7 @@ def naive_search(kitchen, heldout_acc, clock):
   batches = images = 0
   tried = [(order[0].name, "add")]
   for candidate in order[1:]:
-    params = averaging.average(kept + [candidate], restore, kitchen.abstract)
+    params = averaging.average(kept + [candidate], restore, kitchen.setup.abstract)
     correct, seen, evaluated, _ = greedy.count_correct(evaluator, params)
     batches, images = batches + evaluated, images + seen
     keep = correct >= best  # greedy.py's rule: keep unless held-out accuracy drops.
@@ -251,7 +248,7 @@ def _summary(runs):
 def main(argv):
   del argv
   run_log.quiet_library_logs()
-  manifest = os.path.join(_SWEEP.value, ingredients_lib.MANIFEST)
+  manifest = manifest_lib.path(_SWEEP.value)
   if not os.path.exists(manifest):
     sys.exit(f"greedy_cost: {manifest} does not exist. Run `make demo` first to make the demo "
              "sweep (runs/demo/sweep), or pass --sweep=<a sweep directory from python -m launch>")
@@ -264,10 +261,10 @@ def main(argv):
     options = soup_step.Options(recipes=("greedy",), eval_batch_size=_EVAL_BATCH.value)
     print(f"evaluating {len(ingredients)} ingredients once (shared by every search)...", flush=True)
     kitchen, seed_files = _seed(ingredients, os.path.join(tmp, "seed"), options)
-    heldout_acc = {n: e["heldout_acc"] for n, e in kitchen.out.evaluations.items()}
+    heldout_acc = kitchen.heldout_acc()
     if _NAIVE.value:
       best = greedy.candidate_order(ingredients, heldout_acc)[0]
-      _warm_up(kitchen.heldout, kitchen.restore(best))
+      _warm_up(kitchen.setup.heldout, kitchen.setup.restore(best))
     rows = [r for r in ROWS if _NAIVE.value or r != "naive_reaverage"]
     for repeat in range(_REPEATS.value):
       shift = repeat % len(rows)  # Rotate the order, so no row always runs first.

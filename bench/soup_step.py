@@ -22,8 +22,8 @@ Ingredients are written as runs write them: `.npz` with
 `train.pretrained.save_npz` (a run's `final/<weights>.npz`), orbax with
 `train.checkpoint.save` into a run directory (`checkpoints/1/params`,
 replicated as the trainer's default `param_sharding` saves it; only the
-`params` item, the one read), found through `ingredients.from_paths` as
-run directories, the sweep path. Every ingredient is the same random normal
+`params` item, the one read), given to the soup step as that orbax item
+(`ingredients.Ingredient`). Every ingredient is the same random normal
 ViT-`--variant` plus its own offset: like trained weights, their mantissas
 barely compress (orbax's zstd saves ~7%).
 
@@ -53,6 +53,8 @@ import time
 from absl import app
 from absl import flags
 import numpy as np
+
+from train import run_dir
 
 FORMATS = ("npz", "orbax")
 CACHES = ("cold", "warm")
@@ -98,15 +100,19 @@ def _ingredient_paths(directory, fmt, count):
   """Ingredient i: `<dir>/npz/ingredientNNN.npz` or the run directory `<dir>/orbax/runNNN`."""
   if fmt == "npz":
     return [os.path.join(directory, "npz", f"ingredient{i:03d}.npz") for i in range(count)]
-  return [os.path.join(directory, "orbax", f"run{i:03d}") for i in range(count)]
+  return [run_dir.checkpoint_item(_orbax_run(directory, i), 1, "params") for i in range(count)]
+
+
+def _orbax_run(directory, index):
+  """The run directory whose checkpoint 1 holds orbax ingredient `index`."""
+  return os.path.join(directory, "orbax", f"run{index:03d}")
 
 
 def _files(path):
-  """The files a soup reads for one ingredient: the .npz, or the run's `params` orbax item."""
+  """The files a soup reads for one ingredient: the .npz, or those of the orbax item."""
   if path.endswith(".npz"):
     return [path]
-  item = os.path.join(path, "checkpoints", "1", "params")
-  return sorted(os.path.join(root, name) for root, _, names in os.walk(item) for name in names)
+  return sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
 
 
 def _write_ingredients(directory, fmt, count, shapes):
@@ -119,8 +125,7 @@ def _write_ingredients(directory, fmt, count, shapes):
   rng = np.random.default_rng(0)
   base = None
   for i, path in enumerate(_ingredient_paths(directory, fmt, count)):
-    done = path if fmt == "npz" else os.path.join(path, "results.json")
-    if os.path.exists(done):
+    if os.path.exists(path):  # orbax renames a checkpoint in when it is complete.
       continue
     if base is None:
       base = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
@@ -130,15 +135,10 @@ def _write_ingredients(directory, fmt, count, shapes):
       continue
     mesh = sharding.make_mesh((("data", -1),))
     params = jax.device_put(trees.unflatten(weights), sharding.replicated(mesh))
-    manager = checkpoint.make_manager(path)
+    manager = checkpoint.make_manager(_orbax_run(directory, i))
     checkpoint.save(manager, 1, {"params": params}, force=True)
     checkpoint.wait_until_written(manager)
     manager.close()
-    # What makes `path` a finished run for `ingredients.from_paths` (its config is not read here).
-    with open(os.path.join(path, "config.json"), "w") as f:
-      json.dump({"bench": "soup_step"}, f)
-    with open(os.path.join(path, "results.json"), "w") as f:
-      json.dump({}, f)
   subprocess.run(["sync"], check=True)  # Dirty pages would survive a cache drop.
 
 
@@ -189,13 +189,12 @@ def _numpy_loop(fmt, paths):
   return total
 
 
-def _orbax_to_numpy(run_dir):
-  """A run's `params` orbax item, every array whole in host memory (orbax's public API)."""
+def _orbax_to_numpy(item):
+  """An orbax item, every array whole in host memory (orbax's public API)."""
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from train import checkpoint  # pylint: disable=g-import-not-at-top
   from train import trees  # pylint: disable=g-import-not-at-top
-  item = os.path.join(os.path.abspath(run_dir), "checkpoints", "1", "params")
   meta = checkpoint.item_metadata(item)
   restore_args = jax.tree.map(
       lambda m: ocp.RestoreArgs(restore_type=np.ndarray, dtype=m.dtype), meta)
@@ -214,16 +213,16 @@ def _stockpot(paths, start_clock):
   import jax  # pylint: disable=g-import-not-at-top
   from soups import averaging  # pylint: disable=g-import-not-at-top
   from soups import ingredients as ingredients_lib  # pylint: disable=g-import-not-at-top
-  from soups import soup_step  # pylint: disable=g-import-not-at-top
+  from soups import restore as restore_lib  # pylint: disable=g-import-not-at-top
   from train import sharding  # pylint: disable=g-import-not-at-top
   from train import startup  # pylint: disable=g-import-not-at-top
   startup.init()  # As `python -m soups` starts; the compile cache directory is _measure's.
   mesh = sharding.make_mesh((("data", -1),))
   start = start_clock()
-  ingredients = ingredients_lib.from_paths(paths, "params")
-  abstract = soup_step.target_abstract(ingredients_lib.check_compatible(ingredients), mesh)
+  ingredients = [ingredients_lib.Ingredient(f"ingredient{i:03d}", p) for i, p in enumerate(paths)]
+  abstract = restore_lib.target_abstract(ingredients_lib.check_compatible(ingredients), mesh)
   checked = time.perf_counter()
-  soup = averaging.average(ingredients, lambda i: ingredients_lib.restore(i, abstract), abstract)
+  soup = averaging.average(ingredients, lambda i: restore_lib.restore(i, abstract), abstract)
   jax.block_until_ready(soup)
   return start, checked - start
 

@@ -12,7 +12,6 @@ file, with --config.key=value overrides). Several --weights are scored as
 a logit ensemble (the mean of their logits).
 """
 
-import itertools
 import os
 import sys
 
@@ -20,19 +19,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF only preprocesses on th
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
-import flax
 import jax
 from ml_collections import config_flags
 import tensorflow as tf
 
+from eval import evaluate as evaluate_lib
 from eval import evaluators as eval_lib
 from eval import run_config
-from eval import weights as weights_lib
 from train import files
-from train import sharding
-from train import ssf
 from train import startup
-from train import vit
 
 _WEIGHTS = flags.DEFINE_list("weights", None, "An .npz file or an orbax checkpoint directory; "
                              "several (comma-separated): their logit ensemble.", required=True)
@@ -54,61 +49,6 @@ def parse_flags(argv):
                       if a.startswith("--config=") and a.endswith(".json") else a for a in argv])
 
 
-def evaluate(weights, suite, config, batch_size=0, split=""):
-  """{'datasets': {name: {'accuracy', 'loss', 'num_examples', 'split'}}, 'average_accuracy', ...}.
-
-  `weights`: one path (accuracy) or a list of paths (the logit ensemble).
-  """
-  paths = [weights] if isinstance(weights, str) else list(weights)
-  mesh = sharding.make_mesh(config.mesh)
-  rules = config.param_sharding
-  first = weights_lib.load(paths[0], mesh, rules)
-  # An SSF run's checkpoints hold the SSF vectors, its exported .npz the merged plain ViT.
-  model = vit.build_model(ssf.model_config_for(config.model, first), config.num_classes)
-  evaluators = eval_lib.Evaluators(config, model, mesh,
-                                   jax.tree.map(lambda a: a.sharding, first), batch_size)
-  kind = "accuracy" if len(paths) == 1 else "ensemble"
-  if kind == "ensemble":
-    del first  # An ensemble streams its weight sets from disk, one at a time, per dataset.
-  results = {}
-  for name, dataset in evaluators.suite_datasets(suite, split).items():
-    evaluator = evaluators.make(kind, dataset)
-    try:
-      if kind == "accuracy":
-        result = evaluator.evaluate(first)
-      else:
-        result = evaluator.evaluate(weights_lib.load(p, mesh, rules) for p in paths)
-    except flax.errors.FlaxError as e:  # Parameters of another shape or name than the model's.
-      raise ValueError(f"weights {', '.join(paths)} do not fit config.model (variant="
-                       f"{config.model.variant!r}, num_classes={config.num_classes}): "
-                       f"{str(e).splitlines()[0]}") from e
-    results[name] = {**result, "split": dataset.split.name}
-  return {"weights": [os.path.abspath(p) for p in paths], "evaluator": kind, "suite": suite,
-          "datasets": results,
-          "average_accuracy": sum(r["accuracy"] for r in results.values()) / len(results)}
-
-
-def format_table(result):
-  width = max(len(name) for name in itertools.chain(result["datasets"], ["average"]))
-  split_width = max(len(r["split"]) for r in result["datasets"].values())
-  lines = [f"{'dataset':<{width}}  {'split':<{split_width}}  {'accuracy':>9}  {'loss':>8}  "
-           f"{'examples':>8}"]
-  for name, r in result["datasets"].items():
-    lines.append(f"{name:<{width}}  {r['split']:<{split_width}}  {100 * r['accuracy']:>8.2f}%  "
-                 f"{r['loss']:>8.4f}  {r['num_examples']:>8}")
-  average = 100 * result["average_accuracy"]
-  lines.append(f"{'average':<{width}}  {'':<{split_width}}  {average:>8.2f}%")
-  return "\n".join(lines)
-
-
-def default_out(weights, suite):
-  """<run>/eval/<weights path in the run, '_'-joined>.<suite>.json, or beside the weights."""
-  config_path = run_config.find(weights)
-  base = os.path.dirname(config_path) if config_path else os.path.dirname(os.path.abspath(weights))
-  label = os.path.relpath(os.path.abspath(weights), base).replace("/", "_").removesuffix(".npz")
-  return os.path.join(base, "eval", f"{label}.{suite}.json")
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -127,11 +67,11 @@ def main(argv):
         sys.exit(f"FATAL no run config.json found above {weights[0]}; pass --config=<run>/"
                  "config.json or --config=configs/<file>.py:<arg>")
       config = run_config.load(config_path)
-    result = evaluate(weights, suite, config, _BATCH.value, _SPLIT.value)
+    result = evaluate_lib.evaluate(weights, suite, config, _BATCH.value, _SPLIT.value)
   except (FileNotFoundError, ValueError) as e:  # Bad input: one line naming the file or key.
     sys.exit(f"FATAL {e}")
-  print(format_table(result))
-  out = _OUT.value or default_out(weights[0], suite)
+  print(evaluate_lib.format_table(result))
+  out = _OUT.value or evaluate_lib.default_out(weights[0], suite)
   if jax.process_index() == 0:
     files.write_json_atomic(out, result)
     print(f"wrote {out}")

@@ -1,69 +1,92 @@
-"""Accuracy of a logit ensemble: the mean logits of several weight sets, the N×-cost baseline.
+"""The logit ensemble: the mean of several weight sets' logits, the baseline with N× inference cost.
 
-Streams over weight sets: each is used for one pass over the split and can
-be dropped before the next is loaded (pass a generator). What is kept is
-the running sum of logits (examples × scored classes) and the labels,
-sharded over the mesh like the batches.
+`LogitSums` holds, per dataset, the summed logits (examples × scored
+classes, on the host) of its members with the labels and padding mask; it
+scores them with the same top-1 rule as a single model
+(`train.accuracy.accuracy_from_logits`) and saves itself with its members'
+names, so the soup step, which adds each ingredient's logits during the
+one pass that evaluates it, neither loses nor double counts one when
+interrupted. `EnsembleAccuracy` is the evaluator `python -m eval` uses.
 """
 
-import jax
+import io
+import os
+
 import numpy as np
 
 from train import accuracy
-from train import sharding
+from train import files
 
 
+class LogitSums:
+  """{dataset: summed logits} over `members`, with each dataset's labels and mask."""
 
+  def __init__(self, path=None):
+    """`path`: an .npz the sums are saved to, and resumed from when it exists."""
+    self.path, self.members, self.sums, self.targets = path, [], {}, {}
+    if path and os.path.exists(path):
+      with np.load(path, allow_pickle=False) as saved:
+        self.members = list(saved["members"])
+        for key in saved.files:
+          kind, _, dataset = key.partition(":")
+          if kind == "sum":
+            self.sums[dataset] = saved[key]
+            self.targets[dataset] = (saved[f"labels:{dataset}"], saved[f"mask:{dataset}"])
+
+  def add(self, name, predictions):
+    """Adds one member's {dataset: (logits, labels, mask)} (`SplitAccuracy.predictions`)."""
+    for dataset, (logits, labels, mask) in predictions.items():
+      self.sums[dataset] = logits + self.sums.get(dataset, 0.0)
+      self.targets[dataset] = (labels, mask)
+    self.members.append(name)
+
+  def save(self):
+    arrays = {"members": np.array(self.members)}
+    for dataset, total in self.sums.items():
+      labels, mask = self.targets[dataset]
+      arrays.update({f"sum:{dataset}": total, f"labels:{dataset}": labels,
+                     f"mask:{dataset}": mask})
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    files.write_bytes_atomic(self.path, buffer.getvalue())
+
+  def accuracy(self, dataset):
+    labels, mask = self.targets[dataset]
+    return accuracy.accuracy_from_logits(self.sums[dataset], labels, mask)
+
+  def loss(self, dataset, loss_fn):
+    """Mean loss of the mean logits over the unmasked examples."""
+    labels, mask = self.targets[dataset]
+    per_example = np.asarray(loss_fn(self.sums[dataset] / len(self.members), labels))
+    return float(np.sum(per_example * mask) / np.sum(mask))
+
+  def count(self, dataset):
+    return int(np.sum(self.targets[dataset][1]))
 
 
 class EnsembleAccuracy:
   """`evaluate(params_seq)` -> {'accuracy', 'loss', 'num_examples'} of the mean logits.
 
   Takes the same arguments as `train.accuracy.SplitAccuracy`, whose padded
-  global batches and top-1 rule (`labels[argmax] > 0`, masked padding) it
-  reuses, so an ensemble of one weight set scores exactly as that set does.
-  The loss is that of the mean logits.
+  global batches and top-1 rule it reuses, so an ensemble of one weight set
+  scores exactly as that set does. Streams over weight sets: each is used
+  for one pass over the split and can be dropped before the next is loaded
+  (pass a generator).
   """
 
   def __init__(self, model, mesh, split, preprocess_fn, batch_size, loss_fn,
                params_sharding, num_threads=0, class_subset=None):
-    self.batches = accuracy.SplitAccuracy(model, mesh, split, preprocess_fn, batch_size, loss_fn,
-                                          params_sharding, num_threads, class_subset)
-    batch_sharding = self.batches.batch_sharding
-    columns = slice(None) if class_subset is None else np.asarray(class_subset)
-
-    def logits(params, image):
-      return model.apply({"params": params}, image)[:, columns]
-
-    def add_logits(total, params, image):
-      return total + logits(params, image)
-
-    def batch_sums(total, count, labels, mask):
-      return accuracy.masked_sums(total / count, labels[:, columns], mask, loss_fn)
-
-    self._logits = jax.jit(logits, in_shardings=(params_sharding, batch_sharding),
-                           out_shardings=batch_sharding)
-    self._add_logits = jax.jit(add_logits, in_shardings=(batch_sharding, params_sharding,
-                                                         batch_sharding),
-                               out_shardings=batch_sharding, donate_argnums=0)
-    self._batch_sums = jax.jit(batch_sums, out_shardings=sharding.replicated(mesh))
+    self.split_accuracy = accuracy.SplitAccuracy(model, mesh, split, preprocess_fn, batch_size,
+                                                 loss_fn, params_sharding, num_threads,
+                                                 class_subset)
+    self.loss_fn = loss_fn
 
   def evaluate(self, params_seq):
-    totals, targets, count = [], [], 0
-    for params in params_seq:
-      for i, batch in enumerate(self.batches.global_batches()):
-        if count:
-          totals[i] = self._add_logits(totals[i], params, batch["image"])
-        else:
-          totals.append(self._logits(params, batch["image"]))
-          targets.append((batch["labels"], batch["mask"]))
-      count += 1
+    sums = LogitSums()
+    for i, params in enumerate(params_seq):
+      sums.add(str(i), {"split": self.split_accuracy.predictions(params)})
       del params  # Let a generator's previous weight set go before it loads the next.
-    if not count:
+    if not sums.members:
       raise ValueError("an ensemble needs at least one weight set")
-    sums = {"correct": 0.0, "loss": 0.0, "count": 0.0}
-    for total, (labels, mask) in zip(totals, targets):
-      batch = self._batch_sums(total, float(count), labels, mask)
-      sums = {k: sums[k] + float(np.asarray(batch[k])) for k in sums}
-    return {"accuracy": sums["correct"] / sums["count"], "loss": sums["loss"] / sums["count"],
-            "num_examples": int(sums["count"])}
+    return {"accuracy": sums.accuracy("split"), "loss": sums.loss("split", self.loss_fn),
+            "num_examples": sums.count("split")}

@@ -15,12 +15,6 @@ from train import sharding
 from train import trees
 
 
-def _orbax_abstract(path, mesh, rules):
-  shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
-                        checkpoint.item_metadata(path))
-  return checkpoint.abstract_tree(shapes, sharding.tree_shardings(mesh, shapes, rules))
-
-
 def load(path, mesh, rules):
   """The parameter tree at `path`, each leaf sharded over `mesh` by `rules`."""
   if path.endswith(".npz"):
@@ -31,6 +25,7 @@ def load(path, mesh, rules):
                             "checkpoint directory such as <run>/checkpoints/<step>/params)")
   try:
     return ocp.StandardCheckpointer().restore(os.path.abspath(path),
-                                              _orbax_abstract(os.path.abspath(path), mesh, rules))
+                                              sharding.placed_abstract_tree(
+        mesh, checkpoint.item_metadata(os.path.abspath(path)), rules))
   except Exception as e:  # orbax raises many types for unreadable checkpoints.
     raise ValueError(f"cannot read the orbax checkpoint {path}: {e}") from e

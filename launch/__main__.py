@@ -8,7 +8,6 @@ Idempotent: finished runs are skipped, interrupted ones resume from their last
 checkpoint, and a grown grid adds runs without renaming the old ones.
 """
 
-import json
 import os
 import shlex
 import subprocess
@@ -19,8 +18,8 @@ from absl import flags
 
 from launch import backends
 from launch import manifest as manifest_lib
+from launch import status
 from launch import sweep as sweep_lib
-from train import run_dir
 
 _SWEEP = flags.DEFINE_string("sweep", "", "Sweep config, configs/sweeps/<file>.py:<arg>.")
 _SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "Directory of the sweep's runs and manifest.",
@@ -39,37 +38,6 @@ _ZONE = flags.DEFINE_string("zone", "", "tpu: zone.")
 _PROJECT = flags.DEFINE_string("project", "", "tpu: GCP project.")
 _REPO_DIR = flags.DEFINE_string("repo_dir", "~/stockpot", "tpu: checkout on every host.")
 _EXECUTE = flags.DEFINE_bool("execute", False, "tpu: run the gcloud commands (default: print).")
-
-BAR = 20
-
-
-def status_table(sweep_dir):
-  """One line per run (the start run first): name, state, step with a bar, held-out accuracy."""
-  manifest = manifest_lib.load(sweep_dir)
-  if manifest is None:
-    raise FileNotFoundError(f"{manifest_lib.path(sweep_dir)} does not exist")
-  entries = manifest_lib.entries(manifest)
-  width = max(len("run"), *(len(e["name"]) for e in entries))
-  lines = [f"{'run':<{width}} {'state':<12} {'step':>13} {'':<{BAR + 2}} {'held-out':>8}"]
-  counts = {}
-  for entry in entries:
-    state, step, heldout = manifest_lib.run_state(sweep_dir, entry)
-    counts[state] = counts.get(state, 0) + 1
-    config_path = run_dir.config_path(os.path.join(sweep_dir, entry["workdir"]))
-    total = None
-    if os.path.exists(config_path):
-      with open(config_path) as f:
-        total = json.load(f)["total_steps"]
-    step = total if state == "done" else step
-    progress = f"{step}/{total}" if total else "–"
-    filled = int(BAR * step / total) if total else 0
-    bar = f"[{'#' * filled}{' ' * (BAR - filled)}]" if state in ("running", "interrupted") else ""
-    accuracy = f"{100 * heldout:.2f}%" if heldout is not None else ""
-    lines.append(f"{entry['name']:<{width}} {state:<12} {progress:>13} {bar:<{BAR + 2}} "
-                 f"{accuracy:>8}")
-  lines.append(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
-  return "\n".join(lines)
-
 
 def _to_run(sweep_dir, entries):
   return [e for e in entries
@@ -160,7 +128,7 @@ def _launch_tpu(sweep_dir, manifest, start_todo, todo):
 
 def main(argv):
   if argv[1:] == ["status"]:
-    print(status_table(_SWEEP_DIR.value))
+    print(status.status_table(_SWEEP_DIR.value))
   elif len(argv) > 1:
     raise app.UsageError(f"unknown command {argv[1:]}; the only command is 'status'")
   else:

@@ -25,10 +25,30 @@ def path(sweep_dir):
 
 
 def load(sweep_dir):
+  """The manifest's content, or None when `sweep_dir` has none."""
   if not os.path.exists(path(sweep_dir)):
     return None
   with open(path(sweep_dir)) as f:
     return json.load(f)
+
+
+def workdir(sweep_dir, entry):
+  """The run directory of a manifest entry."""
+  return os.path.join(sweep_dir, entry["workdir"])
+
+
+def finished_runs(sweep_dir):
+  """(name, run directory) of every finished grid run, in manifest order; an error if none."""
+  manifest = load(sweep_dir)
+  if manifest is None:
+    raise FileNotFoundError(f"{path(sweep_dir)} does not exist: is {sweep_dir} a sweep "
+                            "directory written by `python -m launch`?")
+  runs = manifest["runs"]
+  finished = [(r["name"], workdir(sweep_dir, r)) for r in runs
+              if run_dir.is_finished(workdir(sweep_dir, r))]
+  if not finished:
+    raise ValueError(f"{path(sweep_dir)}: none of its {len(runs)} runs has finished")
+  return finished
 
 
 def start_init(sweep_dir, start):
@@ -80,15 +100,15 @@ def _identity(start_entry):
 
 def run_state(sweep_dir, entry):
   """(state, last logged step, held-out accuracy or None) from the run directory itself."""
-  workdir = os.path.join(sweep_dir, entry["workdir"])
-  if run_dir.is_finished(workdir):
-    heldout = run_dir.read_results(workdir)["heldout"]
+  run = workdir(sweep_dir, entry)
+  if run_dir.is_finished(run):
+    heldout = run_dir.read_results(run)["heldout"]
     accuracy = max((r["accuracy"] for r in heldout.values()), default=None)
     return "done", None, accuracy
-  step = last_step(workdir)
-  if os.path.exists(os.path.join(workdir, "FAILED")):
+  step = run_dir.last_logged_step(run)
+  if run_dir.has_failed(run):
     return "failed", step, None
-  if alive(os.path.join(workdir, "RUNNING")):
+  if alive(run_dir.running_pid_file(run)):
     return "running", step, None
   return ("interrupted" if step else "pending"), step, None
 
@@ -96,15 +116,6 @@ def run_state(sweep_dir, entry):
 def entries(manifest):
   """The start run's entry (if any), then every grid run's."""
   return ([manifest["start"]] if "start" in manifest else []) + manifest["runs"]
-
-
-def last_step(workdir):
-  metrics = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(metrics):
-    return 0
-  with open(metrics) as f:
-    lines = [line for line in f if line.strip()]
-  return json.loads(lines[-1])["step"] if lines else 0
 
 
 def alive(pid_file):

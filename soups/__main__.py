@@ -13,7 +13,8 @@ from soups import cli
 from soups import soup_step
 from train import startup
 
-_RECIPES = flags.DEFINE_list("recipes", list(soup_step.RECIPES), "Recipes to cook.")
+_RECIPES = flags.DEFINE_list("recipes", list(soup_step.Options().recipes),
+                             f"Recipes to cook, of {[*soup_step.RECIPES, soup_step.WISE_FT]}.")
 _SHIFT_SUITE = flags.DEFINE_string("shift_suite", "", "A distribution-shift suite of eval/ to report.")
 _EARLY_ABORT = flags.DEFINE_bool("greedy_early_abort", True,
                                  "Stop evaluating a greedy candidate once it cannot be kept.")

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from soups import ingredients as ingredients_lib
+from soups import prefetch
+from train import sharding
 
 
 def _zeros(leaf):
@@ -113,8 +114,7 @@ class RunningSum:
       self._compiling.join()
 
   def _total_abstract(self):
-    return jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding),
-                        self.total)
+    return sharding.abstract_tree(self.total, jax.tree.map(lambda t: t.sharding, self.total))
 
   def add_memory_analysis(self, abstract):
     """XLA's compiled memory analysis of one `add` step (per device)."""
@@ -132,7 +132,7 @@ def average(ingredients, restore, abstract, weights=None, ahead=1):
   weights = [1.0] * len(ingredients) if weights is None else list(weights)
   if len(weights) != len(ingredients):
     raise ValueError(f"{len(weights)} weights for {len(ingredients)} ingredients")
-  with ingredients_lib.Prefetcher(ingredients, restore, ahead) as stream:
+  with prefetch.Prefetcher(ingredients, restore, ahead) as stream:
     running = RunningSum(abstract)  # The first reads overlap these compiles.
     try:
       running.compile(abstract)

@@ -32,11 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval import report
+from eval import ensemble
 from soups import averaging
 from soups import diagnostics_report
+from soups import report
+from soups import soup_dir as soup_dir_lib
 from soups import soup_step
-from train import accuracy
 from train import startup
 from train import trees
 
@@ -123,9 +124,10 @@ class PairPass:
 
 def ensemble_accuracy(predictions, members):
   """Held-out accuracy of the mean logits of `members` (indices into `predictions`)."""
-  _, labels, mask = predictions[members[0]]
-  mean = np.mean([predictions[m][0] for m in members], axis=0)
-  return accuracy.accuracy_from_logits(mean, labels, mask)
+  sums = ensemble.LogitSums()
+  for m in members:
+    sums.add(str(m), {"heldout": predictions[m]})
+  return sums.accuracy("heldout")
 
 
 def interpolation(setup, a, b, alphas):
@@ -237,7 +239,7 @@ def diagnose(ingredients, soup_dir, pairs=(), alphas=11, landscape_grid=9, block
       pair_ensemble_acc=ensemble_pairs if pair_gaps else None, plane=plane)
   if jax.process_index() == 0:
     diagnostics_report.write(soup_dir, data)
-    if os.path.exists(os.path.join(soup_dir, soup_step.RESULTS)):
+    if os.path.exists(soup_dir_lib.path(soup_dir, soup_dir_lib.RESULTS)):
       report.write_report(soup_dir, diagnostics_report.markdown(soup_dir))
   return data
 

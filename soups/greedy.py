@@ -15,13 +15,9 @@ same decision.
 """
 
 import contextlib
-import json
 import os
 
-from eval import report
-from train import files
-
-JOURNAL = "greedy_journal.jsonl"
+from soups import soup_dir
 
 
 class Journal:
@@ -29,22 +25,19 @@ class Journal:
 
   def __init__(self, path, order, write):
     self.path, self.write = path, write
-    self.entries = report.read_journal_file(path)
+    self.entries = soup_dir.read_journal_file(path)
     tried = [e["name"] for e in self.entries]
     if tried != order[:len(tried)]:
       raise ValueError(
           f"{path} tried {tried}, which is not the start of this soup's candidate order "
           f"{order}: it belongs to another set of ingredients; use a new --soup_dir")
     if self.write and os.path.exists(path):  # Rewrite without a torn tail, atomically.
-      files.write_bytes_atomic(path, "".join(json.dumps(e) + "\n" for e in self.entries).encode())
+      soup_dir.rewrite_journal(path, self.entries)
 
   def append(self, entry):
     self.entries.append(entry)
     if self.write:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(entry) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+      soup_dir.append_journal(self.path, entry)
 
 
 def count_correct(evaluator, params, needed=None):

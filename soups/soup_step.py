@@ -1,73 +1,48 @@
-"""The soup step: evaluate ingredients, cook the recipes, write weights and results.
+"""The soup step: evaluate the ingredients once, cook the recipes, write weights and results.
 
-`cook(...)` leaves in `soup_dir`:
-  evaluations.json      every ingredient's held-out, test and shift accuracy
-  ensemble_logits.npz   the ingredients' summed logits per dataset (the ensemble)
-  greedy_journal.jsonl  one line per greedy candidate (see greedy.py)
-  <recipe>/params.npz   each soup's weights, big_vision layout
-  <recipe>/orbax/       the same, as an orbax checkpoint (sharded restore)
-  results.json          {"ingredients": [...], "soups": {...}, "wise_ft": {...},
-                         "warnings": [pre-flight warnings, soups/preflight.py]}
-  report.md, *.png      the report (eval/report.py)
-
-Every piece is written atomically as soon as it is known and reused when the
+`cook(...)` fills a soup directory (its files: soups/soup_dir.py). Every
+piece is written atomically as soon as it is known and reused when the
 command is re-run, so an interrupted soup step resumes where it stopped.
 Ranking and selection use the held-out split only; test and shift accuracy
 are measured after the choice.
+
+A recipe is a function `recipe(kitchen) -> Soup` in `RECIPES`: it reads
+the `Kitchen` (the ingredients, their evaluations and summed logits, the
+evaluators, the options) and returns its soup; `cook` saves the weights,
+measures them and records them. WiSE-FT is a curve, not a soup: it runs
+after the soups, from the greedy soup (or the best ingredient).
 """
 
 import dataclasses
-import json
 import os
+from typing import Any
 
 from absl import logging
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
+from eval import ensemble
 from eval import evaluators as eval_lib
-from eval import report
 from soups import averaging
 from soups import diagnostics_report
-from soups import ensemble
 from soups import greedy
 from soups import ingredients as ingredients_lib
 from soups import learned
 from soups import preflight
+from soups import report
+from soups import restore as restore_lib
+from soups import soup_dir as soup_dir_lib
 from train import accuracy
-from train import files
 from train import losses
 from train import pretrained
 from train import sharding
 from train import ssf
 from train import vit
 
-RECIPES = ("uniform", "greedy", "learned", "ensemble", "wise_ft")
-RESULTS = "results.json"
-EVALUATIONS = "evaluations.json"
 # Config keys that must agree between ingredients for their soup to mean anything.
 SHARED_KEYS = ("model", "num_classes", "input.dataset", "input.classes",
                "input.heldout_split", "input.test_split", "input.pp_eval")
-# Every leaf split over all devices where a dimension divides; tiny leaves replicated.
-SOUP_SHARDING = ((".*", 'fsdp(axis="data")'),)
-
-
-def target_abstract(shared_metadata, mesh):
-  """The soup's leaves as ShapeDtypeStructs, sharded over `mesh` by `SOUP_SHARDING`."""
-  return ingredients_lib.abstract_params(
-      shared_metadata, lambda tree: sharding.tree_shardings(mesh, tree, SOUP_SHARDING))
-
-
-@dataclasses.dataclass
-class Options:
-  recipes: tuple = RECIPES
-  greedy_early_abort: bool = True
-  learned_mode: str = "global"
-  learned_epochs: int = 5
-  learned_lr: float = 0.1
-  wise_ft_alphas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
-  eval_batch_size: int = 0  # 0: the runs' config.eval_batch_size.
-  shift_suite: str = ""  # A suite of eval/shifts.py, e.g. 'fashion_mnist_shifts'.
+WISE_FT = "wise_ft"
 
 
 def _get(config, dotted):
@@ -93,44 +68,6 @@ def shared_config(ingredients):
   return reference
 
 
-class _Writer:
-  """results.json and evaluations.json, rewritten atomically on process 0 after each piece."""
-
-  def __init__(self, soup_dir):
-    self.soup_dir = soup_dir
-    self.results = self._load(RESULTS) or {"ingredients": [], "soups": {}}
-    self.evaluations = self._load(EVALUATIONS) or {}
-
-  def _load(self, name):
-    path = os.path.join(self.soup_dir, name)
-    if not os.path.exists(path):
-      return None
-    with open(path) as f:
-      return json.load(f)
-
-  def save(self):
-    if jax.process_index() == 0:
-      files.write_json_atomic(os.path.join(self.soup_dir, EVALUATIONS), self.evaluations)
-      files.write_json_atomic(os.path.join(self.soup_dir, RESULTS), self.results)
-
-
-def _save_weights(soup_dir, recipe, params):
-  """`<recipe>/params.npz` (SSF folded in), then `<recipe>/orbax/`, whose presence marks both complete.
-
-  orbax renames its directory into place only when whole, so a kill at any
-  point leaves either no orbax directory (and both are rewritten) or both files.
-  """
-  orbax_dir = os.path.join(os.path.abspath(soup_dir), recipe, "orbax")
-  if os.path.exists(orbax_dir):
-    return
-  host = sharding.to_host(params)
-  if jax.process_index() == 0:
-    pretrained.save_npz(os.path.join(soup_dir, recipe, "params.npz"), ssf.merge(host))
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(orbax_dir, params)
-  checkpointer.wait_until_finished()
-
-
 class SoupSetup:
   """What every pass over a soup's ingredients needs: run config, mesh, target sharding, model.
 
@@ -143,7 +80,7 @@ class SoupSetup:
     self.shared_metadata = ingredients_lib.check_compatible(ingredients)
     self.config = config = shared_config(ingredients)
     self.mesh = sharding.make_mesh((("data", -1),))
-    self.abstract = target_abstract(self.shared_metadata, self.mesh)
+    self.abstract = restore_lib.target_abstract(self.shared_metadata, self.mesh)
     # SSF runs: their checkpoints hold the SSF vectors (soups of those are exported
     # merged), their final/*.npz the merged plain ViT (soups of merged weights).
     self.model = vit.build_model(ssf.model_config_for(config.model, self.shared_metadata),
@@ -155,7 +92,7 @@ class SoupSetup:
     self.heldout = self.evaluators.split("heldout")
 
   def restore(self, ingredient):
-    return ingredients_lib.restore(ingredient, self.abstract)
+    return restore_lib.restore(ingredient, self.abstract)
 
   def pretrained_init(self):
     """The runs' starting point θ0: their model_init loaded as the trainer loads it, sharded."""
@@ -173,99 +110,142 @@ class SoupSetup:
                         loaded, self.abstract)
 
 
-class SoupKitchen(SoupSetup):
-  """A `SoupSetup` plus the test and shift evaluators and the soup directory's outputs."""
+class Scorer:
+  """Held-out, test and shift accuracy of one weight set: what every soup and ingredient is measured on."""
 
-  def __init__(self, ingredients, soup_dir, options):
-    super().__init__(ingredients, options.eval_batch_size)
-    self.soup_dir, self.options = soup_dir, options
-    self.test = self.evaluators.split("test")
-    self.shifts = self.evaluators.suite(options.shift_suite) if options.shift_suite else {}
-    os.makedirs(soup_dir, exist_ok=True)
-    self.out = _Writer(soup_dir)
-    self.out.results["warnings"] = preflight.warnings(ingredients)
-    for warning in self.out.results["warnings"] if jax.process_index() == 0 else ():
-      print(f"[soups] WARNING {warning}", flush=True)
+  def __init__(self, setup, shift_suite=""):
+    self.heldout = setup.heldout
+    self.test = setup.evaluators.split("test")
+    self.shifts = setup.evaluators.suite(shift_suite) if shift_suite else {}
 
-  def evaluate(self, params, with_heldout=True):
-    """{'heldout_acc', 'test_acc', 'shift_acc': {name: acc}} of one set of weights."""
-    result = {"heldout_acc": self.heldout.evaluate(params)["accuracy"]} if with_heldout else {}
-    result["test_acc"] = self.test.evaluate(params)["accuracy"]
-    result["shift_acc"] = {name: ev.evaluate(params)["accuracy"]
-                           for name, ev in self.shifts.items()}
-    return result
+  def evaluate(self, params):
+    """{'heldout_acc', 'test_acc', 'shift_acc': {name: acc}}."""
+    return {"heldout_acc": self.heldout.evaluate(params)["accuracy"],
+            "test_acc": self.test.evaluate(params)["accuracy"],
+            "shift_acc": {name: ev.evaluate(params)["accuracy"]
+                          for name, ev in self.shifts.items()}}
 
-  def _evaluators(self):
+  def datasets(self):
+    """{dataset key: evaluator}: the keys of the ensemble's logit sums."""
     return {"heldout": self.heldout, "test": self.test,
             **{f"shift/{name}": ev for name, ev in self.shifts.items()}}
 
-  def evaluate_ingredients(self):
-    """Evaluates each ingredient once (cached), adding its logits to the ensemble's sums."""
-    logit_sums = ensemble.LogitSums(os.path.join(self.soup_dir, ensemble.LOGITS_FILE))
-    for ingredient in self.ingredients:
-      name = ingredient.name
-      if name in self.out.evaluations and name in logit_sums.members:
-        continue
-      logging.info("Evaluating ingredient %s", name)
-      params = self.restore(ingredient)
-      predictions = {key: ev.predictions(params) for key, ev in self._evaluators().items()}
-      acc = {key: accuracy.accuracy_from_logits(*p) for key, p in predictions.items()}
-      if name not in logit_sums.members:  # A kill between the two saves must not count it twice.
-        logit_sums.add(name, predictions)
-        if jax.process_index() == 0:
-          logit_sums.save()
-      self.out.evaluations[name] = {
-          "heldout_acc": acc["heldout"], "test_acc": acc["test"],
-          "shift_acc": {k.partition("/")[2]: v for k, v in acc.items() if k.startswith("shift/")}}
-      self.out.save()
-    self.logit_sums = logit_sums
-    self.out.results["ingredients"] = [
-        {"name": i.name, **self.out.evaluations[i.name]} for i in self.ingredients]
-    self.out.save()
 
-  def record(self, recipe, params, kept, **extra):
-    """Saves a soup's weights and its accuracies under results['soups'][recipe]."""
-    _save_weights(self.soup_dir, recipe, params)
-    self.out.results["soups"][recipe] = {**self.evaluate(params), "ingredients": kept, **extra}
-    self.out.save()
+@dataclasses.dataclass
+class Options:
+  recipes: tuple = ("uniform", "greedy", "learned", "ensemble", WISE_FT)
+  greedy_early_abort: bool = True
+  learned_mode: str = "global"
+  learned_epochs: int = 5
+  learned_lr: float = 0.1
+  wise_ft_alphas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
+  eval_batch_size: int = 0  # 0: the runs' config.eval_batch_size.
+  shift_suite: str = ""  # A suite of eval/shifts.py, e.g. 'fashion_mnist_shifts'.
 
-  def done(self, recipe):
-    return recipe in self.out.results["soups"]
+
+@dataclasses.dataclass(frozen=True)
+class Kitchen:
+  """What every recipe reads: made by `prepare`, once every ingredient has been evaluated."""
+  setup: SoupSetup
+  scorer: Scorer
+  evaluations: dict  # {ingredient name: {'heldout_acc', 'test_acc', 'shift_acc'}}
+  logit_sums: ensemble.LogitSums
+  options: Options
+  soup_dir: str
+
+  @property
+  def ingredients(self):
+    return self.setup.ingredients
+
+  def heldout_acc(self):
+    return {name: e["heldout_acc"] for name, e in self.evaluations.items()}
+
+
+@dataclasses.dataclass
+class Soup:
+  """A recipe's result: its ingredients, its weights (None for the ensemble) and its own record.
+
+  `scores`, when set, are the soup's accuracies known without evaluating
+  weights (the ensemble's, from its logit sums).
+  """
+  ingredients: list
+  params: Any = None
+  scores: dict = None
+  record: dict = dataclasses.field(default_factory=dict)
+
+
+def _evaluate_ingredients(setup, scorer, records, logit_sums):
+  """Evaluates each ingredient once (resumed from `records`), adding its logits to `logit_sums`."""
+  for ingredient in setup.ingredients:
+    name = ingredient.name
+    if name in records.evaluations and name in logit_sums.members:
+      continue
+    logging.info("Evaluating ingredient %s", name)
+    params = setup.restore(ingredient)
+    predictions = {key: ev.predictions(params) for key, ev in scorer.datasets().items()}
+    acc = {key: accuracy.accuracy_from_logits(*p) for key, p in predictions.items()}
+    if name not in logit_sums.members:  # A kill between the two saves must not count it twice.
+      logit_sums.add(name, predictions)
+      if jax.process_index() == 0:
+        logit_sums.save()
+    records.evaluations[name] = {
+        "heldout_acc": acc["heldout"], "test_acc": acc["test"],
+        "shift_acc": {k.partition("/")[2]: v for k, v in acc.items() if k.startswith("shift/")}}
+    records.save()
+  records.results["ingredients"] = [
+      {"name": i.name, **records.evaluations[i.name]} for i in setup.ingredients]
+  records.save()
+
+
+def prepare(ingredients, soup_dir, options):
+  """Checks the ingredients, warns, evaluates each once; returns (Kitchen, soup_dir.Records)."""
+  setup = SoupSetup(ingredients, options.eval_batch_size)
+  scorer = Scorer(setup, options.shift_suite)
+  os.makedirs(soup_dir, exist_ok=True)
+  records = soup_dir_lib.Records(soup_dir, write=jax.process_index() == 0)
+  records.results["warnings"] = preflight.warnings(ingredients)
+  for warning in records.results["warnings"] if jax.process_index() == 0 else ():
+    print(f"[soups] WARNING {warning}", flush=True)
+  logit_sums = ensemble.LogitSums(soup_dir_lib.path(soup_dir, soup_dir_lib.ENSEMBLE_LOGITS))
+  _evaluate_ingredients(setup, scorer, records, logit_sums)
+  return Kitchen(setup, scorer, dict(records.evaluations), logit_sums, options, soup_dir), records
 
 
 def cook_uniform(kitchen):
-  params = averaging.average(kitchen.ingredients, kitchen.restore, kitchen.abstract)
-  kitchen.record("uniform", params, [i.name for i in kitchen.ingredients])
+  setup = kitchen.setup
+  params = averaging.average(setup.ingredients, setup.restore, setup.abstract)
+  return Soup([i.name for i in setup.ingredients], params)
 
 
-def cook_greedy(kitchen):
-  heldout_acc = {name: e["heldout_acc"] for name, e in kitchen.out.evaluations.items()}
-  params, kept, _, stats = greedy.greedy_soup(
-      kitchen.ingredients, heldout_acc, kitchen.restore, averaging.RunningSum(kitchen.abstract),
-      kitchen.heldout, os.path.join(kitchen.soup_dir, greedy.JOURNAL),
+def cook_greedy(kitchen, search=greedy.greedy_soup):
+  """The greedy soup; `search` is `greedy.greedy_soup` or a stand-in with its signature (benchmarks)."""
+  setup = kitchen.setup
+  params, kept, _, stats = search(
+      setup.ingredients, kitchen.heldout_acc(), setup.restore,
+      averaging.RunningSum(setup.abstract), setup.heldout,
+      soup_dir_lib.path(kitchen.soup_dir, soup_dir_lib.JOURNAL),
       early_abort=kitchen.options.greedy_early_abort, write=jax.process_index() == 0)
   stats["batches_saved_by_early_abort"] = (stats["batches_full_evaluation"]
                                            - stats["batches_evaluated"])
-  kitchen.record("greedy", params, kept, search=stats)
-  return params
+  return Soup(kept, params, record={"search": stats})
 
 
 def cook_learned(kitchen):
-  options = kitchen.options
-  stacked = learned.stack(kitchen.ingredients, kitchen.restore, kitchen.abstract)
+  setup, options = kitchen.setup, kitchen.options
+  names = [i.name for i in setup.ingredients]
+  stacked = learned.stack(setup.ingredients, setup.restore, setup.abstract)
   params, logits, epoch_losses = learned.fit(
-      kitchen.model, stacked, options.learned_mode, kitchen.heldout, kitchen.loss_fn,
+      setup.model, stacked, options.learned_mode, setup.heldout, setup.loss_fn,
       epochs=options.learned_epochs, learning_rate=options.learned_lr)
   del stacked
   weights = learned.mixing_weights(logits)
   if options.learned_mode == "global":
-    coefficients = dict(zip([i.name for i in kitchen.ingredients], map(float, weights)))
+    coefficients = dict(zip(names, map(float, weights)))
   else:  # Per layer: the mean over tensors of each ingredient's coefficient.
     mean = np.mean(np.stack(jax.tree.leaves(weights)), axis=0)
-    coefficients = dict(zip([i.name for i in kitchen.ingredients], map(float, mean)))
-  kitchen.record("learned", params, [i.name for i in kitchen.ingredients],
-                 mode=options.learned_mode, coefficients=coefficients,
-                 heldout_loss_per_epoch=epoch_losses)
+    coefficients = dict(zip(names, map(float, mean)))
+  return Soup(names, params, record={"mode": options.learned_mode, "coefficients": coefficients,
+                                     "heldout_loss_per_epoch": epoch_losses})
 
 
 def cook_ensemble(kitchen):
@@ -275,58 +255,81 @@ def cook_ensemble(kitchen):
   if sorted(sums.members) != sorted(names):
     raise ValueError(f"{sums.path} sums {sums.members}, not this soup's ingredients {names}: "
                      "use a new --soup_dir")
-  kitchen.out.results["soups"]["ensemble"] = {
+  return Soup(names, scores={
       "heldout_acc": sums.accuracy("heldout"), "test_acc": sums.accuracy("test"),
-      "shift_acc": {name: sums.accuracy(f"shift/{name}") for name in kitchen.shifts},
-      "ingredients": names}
-  kitchen.out.save()
+      "shift_acc": {name: sums.accuracy(f"shift/{name}") for name in kitchen.scorer.shifts}})
+
+
+# The soups `cook` knows, in the order they are listed; each `recipe(kitchen) -> Soup`.
+RECIPES = {"uniform": cook_uniform, "greedy": cook_greedy, "learned": cook_learned,
+           "ensemble": cook_ensemble}
+
+
+def _save_weights(soup_dir, recipe, params):
+  """`<recipe>/params.npz` (SSF folded in), then `<recipe>/orbax/`, whose presence marks both complete.
+
+  orbax renames its directory into place only when whole, so a kill at any
+  point leaves either no orbax directory (and both are rewritten) or both files.
+  """
+  if soup_dir_lib.has_weights(soup_dir, recipe):
+    return
+  host = sharding.to_host(params)
+  if jax.process_index() == 0:
+    pretrained.save_npz(soup_dir_lib.weights_npz(soup_dir, recipe), ssf.merge(host))
+  soup_dir_lib.save_orbax(soup_dir, recipe, params)
 
 
 def cook_wise_ft(kitchen, endpoint_params, endpoint_name):
-  """Interpolates from the pre-trained init to `endpoint_params` over the configured alphas."""
-  start = kitchen.pretrained_init()
+  """results.json's `wise_ft`: the pre-trained init interpolated to `endpoint_params` at each alpha."""
+  start = kitchen.setup.pretrained_init()
   points = []
   for alpha in kitchen.options.wise_ft_alphas:
     mixed = averaging.interpolate(start, endpoint_params, alpha)
-    points.append({"alpha": float(alpha), **kitchen.evaluate(mixed)})
-  kitchen.out.results["wise_ft"] = {"endpoint": endpoint_name,
-                                    "pretrained": kitchen.config.model_init, "points": points}
-  kitchen.out.save()
+    points.append({"alpha": float(alpha), **kitchen.scorer.evaluate(mixed)})
+  return {"endpoint": endpoint_name, "pretrained": kitchen.setup.config.model_init,
+          "points": points}
 
 
-def cook(ingredients, soup_dir, options=None):
-  """Runs every recipe in `options.recipes` (resuming); returns results.json's content."""
+def _wise_ft_endpoint(kitchen, records, cooked):
+  """(weights, name) WiSE-FT ends at: the greedy soup if cooked, else the best ingredient on held-out."""
+  if "greedy" in records.results["soups"]:
+    if "greedy" in cooked:
+      return cooked["greedy"], "greedy"
+    return soup_dir_lib.restore_orbax(kitchen.soup_dir, "greedy", kitchen.setup.abstract), "greedy"
+  heldout_acc = kitchen.heldout_acc()
+  best = max(heldout_acc, key=heldout_acc.get)
+  return kitchen.setup.restore(next(i for i in kitchen.ingredients if i.name == best)), best
+
+
+def cook(ingredients, soup_dir, options=None, recipes=None):
+  """Cooks every recipe in `options.recipes` (resuming); returns results.json's content.
+
+  `recipes`: {name: recipe(kitchen) -> Soup}, default `RECIPES`.
+  """
   options = options or Options()
-  unknown = set(options.recipes) - set(RECIPES)
+  recipes = RECIPES if recipes is None else recipes
+  unknown = set(options.recipes) - set(recipes) - {WISE_FT}
   if unknown:
-    raise ValueError(f"unknown recipes {sorted(unknown)}; known: {list(RECIPES)}")
-  kitchen = SoupKitchen(ingredients, soup_dir, options)
-  kitchen.evaluate_ingredients()
-  greedy_params = None
-  for recipe in options.recipes:
-    if recipe == "wise_ft":
+    raise ValueError(f"unknown recipes {sorted(unknown)}; known: {[*recipes, WISE_FT]}")
+  kitchen, records = prepare(ingredients, soup_dir, options)
+  cooked = {}  # Weights cooked in this process, by recipe.
+  for name in options.recipes:
+    if name == WISE_FT:
       continue
-    if kitchen.done(recipe):
-      logging.info("%s soup already in %s", recipe, soup_dir)
+    if name in records.results["soups"]:
+      logging.info("%s soup already in %s", name, soup_dir)
       continue
-    logging.info("Cooking the %s soup of %d ingredients", recipe, len(ingredients))
-    out = {"uniform": cook_uniform, "greedy": cook_greedy, "learned": cook_learned,
-           "ensemble": cook_ensemble}[recipe](kitchen)
-    if recipe == "greedy":
-      greedy_params = out
-  if "wise_ft" in options.recipes and "wise_ft" not in kitchen.out.results:
-    if "greedy" in kitchen.out.results["soups"]:
-      endpoint = "greedy"
-      params = greedy_params if greedy_params is not None else _restore_soup(kitchen, "greedy")
-    else:
-      endpoint = max(kitchen.out.evaluations, key=lambda n: kitchen.out.evaluations[n]["heldout_acc"])
-      params = kitchen.restore(next(i for i in ingredients if i.name == endpoint))
-    cook_wise_ft(kitchen, params, endpoint)
+    logging.info("Cooking the %s soup of %d ingredients", name, len(ingredients))
+    soup = recipes[name](kitchen)
+    if soup.params is not None:
+      _save_weights(soup_dir, name, soup.params)
+      cooked[name] = soup.params
+    scores = soup.scores if soup.scores is not None else kitchen.scorer.evaluate(soup.params)
+    records.results["soups"][name] = {**scores, "ingredients": soup.ingredients, **soup.record}
+    records.save()
+  if WISE_FT in options.recipes and WISE_FT not in records.results:
+    records.results[WISE_FT] = cook_wise_ft(kitchen, *_wise_ft_endpoint(kitchen, records, cooked))
+    records.save()
   if jax.process_index() == 0:
     report.write_report(soup_dir, diagnostics_report.markdown(soup_dir))
-  return kitchen.out.results
-
-
-def _restore_soup(kitchen, recipe):
-  orbax_dir = os.path.join(os.path.abspath(kitchen.soup_dir), recipe, "orbax")
-  return ocp.StandardCheckpointer().restore(orbax_dir, kitchen.abstract)
+  return records.results

@@ -3,7 +3,7 @@
 import numpy as np
 
 from soups import ingredients as ingredients_lib
-from soups import soup_step
+from soups import restore as restore_lib
 from train import pretrained
 from train import sharding
 
@@ -29,4 +29,4 @@ def npz_ingredients(tmp_path, flat_trees):
 def soup_abstract(ingredients, mesh=None):
   """The soup step's target for `ingredients` on `mesh` (default: every device on `data`)."""
   mesh = mesh or sharding.make_mesh((("data", -1),))
-  return soup_step.target_abstract(ingredients_lib.check_compatible(ingredients), mesh)
+  return restore_lib.target_abstract(ingredients_lib.check_compatible(ingredients), mesh)

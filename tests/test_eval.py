@@ -20,7 +20,7 @@ from tensorflow_datasets.datasets.imagenet_sketch import imagenet_sketch_dataset
 from tensorflow_datasets.datasets.imagenet_v2 import imagenet_v2_dataset_builder
 
 from configs import fashion_mnist
-from eval import __main__ as eval_cli
+from eval import evaluate as evaluate_lib
 from eval import datasets
 from eval import evaluators as eval_lib
 from eval import run_config
@@ -347,7 +347,7 @@ def test_weights_that_do_not_fit_the_model_are_named(data_dir, tmp_path):
   pretrained.save_npz(tmp_path / "pico.npz", _params(other, (28, 28, 1), 0))
   with pytest.raises(ValueError, match=r"weights .*pico.npz do not fit config.model \(variant="
                                        r"'mu/4', num_classes=5\): For parameter"):
-    eval_cli.evaluate(str(tmp_path / "pico.npz"), "test", config, split="test[:20]")
+    evaluate_lib.evaluate(str(tmp_path / "pico.npz"), "test", config, split="test[:20]")
 
 
 def test_run_config_is_found_from_the_weights_and_checked(tmp_path):

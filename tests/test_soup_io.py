@@ -15,6 +15,8 @@ import pytest
 
 from soups import averaging
 from soups import ingredients as ingredients_lib
+from soups import prefetch
+from soups import restore as restore_lib
 from tests.soup_helpers import SHAPES, npz_ingredients, random_tree, soup_abstract
 from train import checkpoint
 from train import pretrained
@@ -66,7 +68,7 @@ def test_npz_reader_matches_np_load_for_these_member_layouts(tmp_path):
       assert all(np.array_equal(npz[key], value) for key, value in tree.items())
     ingredients = ingredients_lib.from_paths([str(path)], "params")
     abstract = soup_abstract(ingredients)
-    restored = ingredients_lib.restore(ingredients[0], abstract)
+    restored = restore_lib.restore(ingredients[0], abstract)
     _assert_tree_equal(restored, tree)
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(abstract)):
       assert got.sharding == want.sharding and got.dtype == want.dtype
@@ -86,7 +88,7 @@ def test_npz_leaves_are_the_mapped_file_until_the_ingredient_is_dropped(tmp_path
   shapes = {"a/kernel": (64, 8), "a/bias": (5,)}  # Split on rows; too small to split.
   [ingredient] = npz_ingredients(tmp_path, [random_tree(0, shapes)])
   abstract = soup_abstract([ingredient])
-  restored = ingredients_lib.restore(ingredient, abstract)
+  restored = restore_lib.restore(ingredient, abstract)
   ranges = _mapped_ranges(ingredient.path)
   assert ranges, "the ingredient's file is not mapped"
   shards = [s.data for leaf in jax.tree.leaves(restored) for s in leaf.addressable_shards]
@@ -119,10 +121,10 @@ def test_orbax_ingredients_average_to_the_numpy_mean_exactly(tmp_path):
   ingredients = ingredients_lib.from_paths([str(tmp_path / f"run{i}") for i in range(3)],
                                            "params")
   abstract = soup_abstract(ingredients)
-  restored = ingredients_lib.restore(ingredients[1], abstract)
+  restored = restore_lib.restore(ingredients[1], abstract)
   _assert_tree_equal(restored, flat_trees[1])
   assert jax.tree.leaves(restored)[0].sharding == jax.tree.leaves(abstract)[0].sharding
-  soup = averaging.average(ingredients, lambda i: ingredients_lib.restore(i, abstract), abstract)
+  soup = averaging.average(ingredients, lambda i: restore_lib.restore(i, abstract), abstract)
   _assert_tree_equal(soup, _mean_in_order(flat_trees))
 
 
@@ -142,7 +144,7 @@ def test_orbax_ingredient_with_missing_data_is_named(tmp_path):
         os.remove(os.path.join(root, name))
   with pytest.raises(ValueError,
                      match=r"ingredient broken: cannot restore .*broken/checkpoints/1/params"):
-    averaging.average(ingredients, lambda i: ingredients_lib.restore(i, abstract), abstract)
+    averaging.average(ingredients, lambda i: restore_lib.restore(i, abstract), abstract)
 
 
 class _Weights:
@@ -173,7 +175,7 @@ def test_prefetcher_yields_in_order_and_reads_at_most_ahead(ahead):
     return _Weights(names.index(name), alive)
 
   seen = []
-  with ingredients_lib.Prefetcher(names, restore, ahead) as stream:
+  with prefetch.Prefetcher(names, restore, ahead) as stream:
     for name, weights in stream:
       seen.append((name, weights.index))
       i = names.index(name)
@@ -189,11 +191,11 @@ def test_prefetcher_yields_in_order_and_reads_at_most_ahead(ahead):
 def test_prefetcher_closed_early_stops_reading():
   calls = []
   read = lambda i: calls.append(i) or i
-  with ingredients_lib.Prefetcher(list(range(10)), read, ahead=1) as stream:
+  with prefetch.Prefetcher(list(range(10)), read, ahead=1) as stream:
     assert next(stream) == (0, 0)
   assert calls in ([0], [0, 1])  # The held ingredient and at most one ahead; then it stops.
   with pytest.raises(ValueError, match="ahead=0"):
-    ingredients_lib.Prefetcher([], lambda i: i, ahead=0)
+    prefetch.Prefetcher([], lambda i: i, ahead=0)
 
 
 def _member_data(path, member):
@@ -225,19 +227,19 @@ def test_a_failed_prefetched_read_is_raised_in_order_naming_the_ingredient(tmp_p
 
   def restore(ingredient):
     reads.append(ingredient.name)
-    return ingredients_lib.restore(ingredient, abstract)
+    return restore_lib.restore(ingredient, abstract)
 
   yielded = []
   message = (r"ingredient run2: cannot read .*run2.npz: member "
              r"Transformer/encoderblock_0/kernel.npy is corrupt \(CRC-32 mismatch\)")
   with pytest.raises(ValueError, match=message):
-    with ingredients_lib.Prefetcher(ingredients, restore, ahead=1) as stream:
+    with prefetch.Prefetcher(ingredients, restore, ahead=1) as stream:
       for ingredient, _ in stream:
         yielded.append(ingredient.name)
   assert yielded == ["run0", "run1"]
   assert reads == ["run0", "run1", "run2"]  # Nothing after the failed read.
   with pytest.raises(ValueError, match=message):
-    averaging.average(ingredients, lambda i: ingredients_lib.restore(i, abstract), abstract)
+    averaging.average(ingredients, lambda i: restore_lib.restore(i, abstract), abstract)
 
 
 def test_a_corrupt_deflated_member_names_the_ingredient(tmp_path):
@@ -267,7 +269,7 @@ def test_average_holds_at_most_the_sum_and_two_ingredients(tmp_path, monkeypatch
 
   def restore(ingredient):
     at_read.append(len(jax.live_arrays()) - baseline)
-    tree = ingredients_lib.restore(ingredient, abstract)
+    tree = restore_lib.restore(ingredient, abstract)
     read[ingredient.name].set()
     return tree
 

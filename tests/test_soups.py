@@ -11,8 +11,7 @@ from PIL import Image
 import pytest
 
 from configs import fashion_mnist
-from eval import __main__ as eval_cli
-from eval import report as report_lib
+from eval import evaluate as evaluate_lib
 from eval import shifts
 from soups import averaging
 from soups import diagnose
@@ -21,6 +20,9 @@ from soups import greedy
 from soups import ingredients as ingredients_lib
 from soups import learned
 from soups import preflight
+from soups import report as report_lib
+from soups import restore as restore_lib
+from soups import soup_dir as soup_dir_lib
 from soups import soup_step
 from tests.helpers import run_module
 from tests.soup_helpers import npz_ingredients, random_tree, soup_abstract
@@ -35,7 +37,7 @@ def test_uniform_soup_of_known_trees_is_the_numpy_mean_exactly(tmp_path):
   mesh = sharding.make_mesh((("data", -1),))
   assert mesh.size == 8
   abstract = soup_abstract(ingredients, mesh)
-  soup = averaging.average(ingredients, lambda i: ingredients_lib.restore(i, abstract), abstract)
+  soup = averaging.average(ingredients, lambda i: restore_lib.restore(i, abstract), abstract)
   assert soup["embedding"]["kernel"].sharding.spec != jax.sharding.PartitionSpec()  # Sharded.
   for key in trees[0]:
     expected = trees[0][key].copy()
@@ -128,7 +130,7 @@ def cooked(finetuned_runs, tmp_path_factory):
 
 
 def _journal(soup_dir):
-  with open(os.path.join(soup_dir, greedy.JOURNAL)) as f:
+  with open(soup_dir_lib.path(soup_dir, soup_dir_lib.JOURNAL)) as f:
     return [json.loads(line) for line in f]
 
 
@@ -162,9 +164,9 @@ def test_greedy_resume_early_abort_and_test_split_independence(cooked, finetuned
   # Resume: a journal cut after two decisions (and a torn third line) ends the same.
   resumed_dir = tmp_path / "resumed"
   resumed_dir.mkdir()
-  with open(resumed_dir / greedy.JOURNAL, "w") as f:
+  with open(resumed_dir / soup_dir_lib.JOURNAL, "w") as f:
     f.write("".join(json.dumps(e) + "\n" for e in full[:2]) + '{"name": "lr0.0')
-  with open(resumed_dir / soup_step.EVALUATIONS, "w") as f:
+  with open(resumed_dir / soup_dir_lib.EVALUATIONS, "w") as f:
     json.dump({i["name"]: {k: i[k] for k in ("heldout_acc", "test_acc", "shift_acc")}
                for i in results["ingredients"]}, f)
   resumed = soup_step.cook(ingredients, str(resumed_dir), soup_step.Options(recipes=("greedy",)))
@@ -262,7 +264,7 @@ def test_report_matches_results_and_direct_evaluation(cooked, finetuned_runs):
   # The greedy soup's exported weights, evaluated directly, give the reported test accuracy.
   with open(os.path.join(finetuned_runs[0], "config.json")) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  direct = eval_cli.evaluate(os.path.join(soup_dir, "greedy", "params.npz"), "test", config)
+  direct = evaluate_lib.evaluate(os.path.join(soup_dir, "greedy", "params.npz"), "test", config)
   assert direct["datasets"]["test"]["accuracy"] == pytest.approx(
       results["soups"]["greedy"]["test_acc"], abs=1e-6)
   for plot in report_lib.PLOTS:

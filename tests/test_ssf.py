@@ -12,7 +12,7 @@ import pytest
 
 from configs import common
 from configs import fashion_mnist
-from eval import __main__ as eval_cli
+from eval import evaluate as evaluate_lib
 from eval import weights as weights_lib
 from soups import ingredients as ingredients_lib
 from soups import soup_step
@@ -127,7 +127,7 @@ def test_ssf_run_trains_only_its_vectors_and_exports_merged_weights(ssf_runs, pr
     config = ml_collections.ConfigDict(json.load(f))
   with open(os.path.join(run, "results.json")) as f:
     trained = json.load(f)["heldout"]["params"]["accuracy"]
-  direct = eval_cli.evaluate(os.path.join(run, "final", "params.npz"), "heldout", config)
+  direct = evaluate_lib.evaluate(os.path.join(run, "final", "params.npz"), "heldout", config)
   assert direct["datasets"]["heldout"]["accuracy"] == pytest.approx(trained, abs=2e-3)
   assert trained > 0.8
 

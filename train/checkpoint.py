@@ -11,13 +11,10 @@ from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
+from train import run_dir
+
 WEIGHT_NAMES = ("params", "ema_low", "ema_high")
 STATE_ITEMS = WEIGHT_NAMES + ("opt_state",)
-
-
-def checkpoint_dir(workdir):
-  """Absolute path of a run's checkpoint directory (orbax needs absolute paths)."""
-  return epath.Path(workdir).absolute() / "checkpoints"
 
 
 def make_manager(workdir, every_steps=1, keep=None, read_only=False):
@@ -26,7 +23,7 @@ def make_manager(workdir, every_steps=1, keep=None, read_only=False):
       save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(every_steps),
       max_to_keep=keep, create=not read_only,
       read_only=read_only, cleanup_tmp_directories=not read_only)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+  return ocp.CheckpointManager(run_dir.checkpoint_dir(workdir), options=options,
                                item_names=STATE_ITEMS)
 
 
@@ -84,12 +81,6 @@ def item_metadata(path):
   if not isinstance(tree, dict):  # Not saved as a tree of arrays (unreadable files raise above).
     raise ValueError(f"orbax checkpoint {path} does not hold a tree of arrays")
   return tree
-
-
-def abstract_tree(tree, shardings):
-  """ShapeDtypeStructs carrying `shardings`: orbax restores each array straight into place."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
 
 
 def restore(manager, step, abstract_state):

@@ -2,9 +2,15 @@
 
   <workdir>/config.json       the resolved config (written once the run starts)
   <workdir>/init.json         what the run started from: model_init and its SHA-256
-  <workdir>/checkpoints/      orbax checkpoints (train/checkpoint.py)
+  <workdir>/checkpoints/      orbax checkpoints, <step>/<item> (train/checkpoint.py)
+  <workdir>/metrics.jsonl     one line of metrics per logged step
+  <workdir>/tensorboard/      the same, for TensorBoard
   <workdir>/final/<name>.npz  every weight set, big_vision layout, at the end
   <workdir>/results.json      held-out and test accuracy; its presence marks the run finished
+  <workdir>/eval/             `python -m eval` results of the run's weights
+  <workdir>/train.log, RUNNING, FAILED
+                              written by `python -m launch`: the run's output, the pid of
+                              its process while it runs, its exit code when it failed
 
 Everyone else asks this module for paths and contents.
 """
@@ -20,7 +26,11 @@ from train import files
 CONFIG = "config.json"
 INIT = "init.json"
 RESULTS = "results.json"
+METRICS = "metrics.jsonl"
 FINAL = "final"
+CHECKPOINTS = "checkpoints"
+RUNNING = "RUNNING"
+FAILED = "FAILED"
 
 
 def config_path(workdir):
@@ -31,9 +41,54 @@ def results_path(workdir):
   return os.path.join(workdir, RESULTS)
 
 
+def metrics_path(workdir):
+  return os.path.join(workdir, METRICS)
+
+
+def tensorboard_dir(workdir):
+  return os.path.join(workdir, "tensorboard")
+
+
+def train_log_path(workdir):
+  return os.path.join(workdir, "train.log")
+
+
+def eval_dir(workdir):
+  return os.path.join(workdir, "eval")
+
+
 def exported_weights(workdir, name):
   """`<workdir>/final/<name>.npz`: weight set `name` exported at the end of the run."""
   return os.path.join(workdir, FINAL, f"{name}.npz")
+
+
+def checkpoint_dir(workdir):
+  """Absolute path of the run's checkpoint directory (orbax needs absolute paths)."""
+  return epath.Path(workdir).absolute() / CHECKPOINTS
+
+
+def checkpoint_item(workdir, step, item):
+  """`<workdir>/checkpoints/<step>/<item>`: one orbax item (a weight set) of one checkpoint."""
+  return os.path.join(checkpoint_dir(workdir), str(step), item)
+
+
+def checkpoint_steps(workdir):
+  """The steps of the run's complete checkpoints, ascending (orbax renames a step in when whole)."""
+  directory = checkpoint_dir(workdir)
+  if not directory.exists():
+    return []
+  return sorted(int(s) for s in os.listdir(directory) if s.isdigit())
+
+
+def is_run(path):
+  """Whether `path` is a run directory (it holds a config.json)."""
+  return os.path.exists(config_path(path))
+
+
+def exporting_run(npz_path):
+  """The run that exported `npz_path` (<run>/final/<name>.npz: a config.json two levels up), or None."""
+  run = os.path.dirname(os.path.dirname(os.path.abspath(npz_path)))
+  return run if is_run(run) else None
 
 
 def containing(weights_path):
@@ -44,7 +99,7 @@ def containing(weights_path):
   run = os.path.abspath(weights_path.rstrip("/"))
   for _ in range(3):
     run = os.path.dirname(run)
-    if os.path.exists(config_path(run)):
+    if is_run(run):
       return run
   return None
 
@@ -52,6 +107,10 @@ def containing(weights_path):
 def read_config(workdir):
   """The run's config.json as a dict (eval/run_config.py loads it as a locked ConfigDict)."""
   return _read_json(config_path(workdir))
+
+
+def write_config(workdir, config_dict):
+  files.write_json_atomic(config_path(workdir), config_dict)
 
 
 def is_finished(workdir):
@@ -69,6 +128,48 @@ def read_results(workdir):
 
 def write_results(workdir, results):
   files.write_json_atomic(results_path(workdir), results)
+
+
+def last_logged_step(workdir):
+  """The step of metrics.jsonl's last line; 0 before the first log."""
+  if not os.path.exists(metrics_path(workdir)):
+    return 0
+  with open(metrics_path(workdir)) as f:
+    lines = [line for line in f if line.strip()]
+  return json.loads(lines[-1])["step"] if lines else 0
+
+
+def logged_metric(workdir, key):
+  """Every value of `key` in metrics.jsonl, in order (lines without it are skipped)."""
+  with open(metrics_path(workdir)) as f:
+    values = [json.loads(line).get(key) for line in f if line.strip()]
+  return [v for v in values if v is not None]
+
+
+def mark_running(workdir, pid):
+  """Records the pid of the process training the run; clears an earlier failure."""
+  clear_marker(workdir, FAILED)
+  files.write_bytes_atomic(os.path.join(workdir, RUNNING), str(pid).encode())
+
+
+def mark_ended(workdir, returncode):
+  """The run's process has ended: no longer running; failed when `returncode` is not 0."""
+  clear_marker(workdir, RUNNING)
+  if returncode:
+    files.write_bytes_atomic(os.path.join(workdir, FAILED), str(returncode).encode())
+
+
+def clear_marker(workdir, marker):
+  if os.path.exists(os.path.join(workdir, marker)):
+    os.remove(os.path.join(workdir, marker))
+
+
+def has_failed(workdir):
+  return os.path.exists(os.path.join(workdir, FAILED))
+
+
+def running_pid_file(workdir):
+  return os.path.join(workdir, RUNNING)
 
 
 def sha256_of(path):

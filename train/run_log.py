@@ -15,6 +15,7 @@ from clu import metric_writers
 import jax
 
 from train import files
+from train import run_dir
 
 
 class JsonlWriter(metric_writers.MetricWriter):
@@ -83,8 +84,8 @@ def make_writer(workdir, resume_step=0):
   if jax.process_index() != 0:
     return metric_writers.MultiWriter([])
   return metric_writers.MultiWriter([
-      metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")),
-      JsonlWriter(os.path.join(workdir, "metrics.jsonl"), resume_step),
+      metric_writers.SummaryWriter(run_dir.tensorboard_dir(workdir)),
+      JsonlWriter(run_dir.metrics_path(workdir), resume_step),
   ])
 
 

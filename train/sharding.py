@@ -88,6 +88,23 @@ def tree_shardings(mesh, tree, rules):
   return jax.tree_util.tree_map_with_path(leaf_sharding, tree)
 
 
+def abstract_tree(tree, shardings=None):
+  """ShapeDtypeStructs of `tree`'s leaves (arrays, structs, orbax metadata), with `shardings` if given.
+
+  With shardings, orbax and `jax.jit` place each array straight into them.
+  """
+  if shardings is None:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype), tree)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def placed_abstract_tree(mesh, tree, rules):
+  """ShapeDtypeStructs of `tree`'s leaves, each sharded over `mesh` by `rules` (see tree_shardings)."""
+  shapes = abstract_tree(tree)
+  return abstract_tree(shapes, tree_shardings(mesh, shapes, rules))
+
+
 def to_global(host_batch, batch_sharding):
   """This process's slice of a batch (numpy) -> global jax arrays split over the mesh."""
   return jax.tree.map(

@@ -28,7 +28,6 @@ from train import accuracy
 from train import checkpoint
 from train import data
 from train import ema
-from train import files
 from train import losses
 from train import mixing
 from train import optimizer
@@ -141,7 +140,7 @@ def _write_config(config, workdir):
   """Writes config.json once the run has started: a config that fails to start leaves none."""
   path = run_dir.config_path(workdir)
   if not os.path.exists(path) and jax.process_index() == 0:
-    files.write_json_atomic(path, json.loads(config.to_json()))
+    run_dir.write_config(workdir, json.loads(config.to_json()))
 
 
 def state_from_params(params, tx):
@@ -263,7 +262,7 @@ def train_and_evaluate(config, workdir):
   if start_step:
     logging.info("Resuming from step %d", start_step)
     state = checkpoint.restore(manager, start_step,
-                               checkpoint.abstract_tree(abstract_state, state_shardings))
+                               sharding.abstract_tree(abstract_state, state_shardings))
   else:
     state = _fresh_state(model, tx, config, image_shape, state_shardings)
     if config.model_init and jax.process_index() == 0:

@@ -7,7 +7,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from eval import report
+from soups import report
+from soups import soup_dir as soup_dir_lib
 from tests.helpers import run_module
 from tests.test_eval import _direct_logits
 from tests.test_eval import _run_config
@@ -119,10 +120,10 @@ def test_report_without_shifts_or_journal_and_bad_files(tmp_path):
   _check_plot(tmp_path / "shift_vs_test.png")  # Says "not measured".
   entry = {"name": "a", "heldout_acc": 0.5, "soup_heldout_acc": 0.5, "decision": "add"}
   (tmp_path / "greedy_journal.jsonl").write_text(json.dumps(entry) + '\n{"name": "b", "hel')
-  assert report.read_journal(str(tmp_path)) == [entry]  # A torn last line: an interrupted step.
+  assert soup_dir_lib.read_journal(str(tmp_path)) == [entry]  # A torn last line: an interrupted step.
   (tmp_path / "greedy_journal.jsonl").write_text('{"name": "b", "hel\n' + json.dumps(entry))
   with pytest.raises(ValueError, match=r"greedy_journal.jsonl: line 1 is not JSON"):
-    report.read_journal(str(tmp_path))
+    soup_dir_lib.read_journal(str(tmp_path))
 
 
 @pytest.mark.slow
@@ -136,7 +137,7 @@ def test_report_cli_writes_the_report(tmp_path):
   journal = [{"name": "a", "heldout_acc": 0.8, "soup_heldout_acc": 0.8, "decision": "add"},
              {"name": "b", "heldout_acc": 0.7, "soup_heldout_acc": 0.82, "decision": "add"}]
   (tmp_path / "greedy_journal.jsonl").write_text("".join(json.dumps(e) + "\n" for e in journal))
-  proc = run_module("eval.report", f"--soup_dir={tmp_path}")
+  proc = run_module("soups.report", f"--soup_dir={tmp_path}")
   assert f"wrote {tmp_path / 'report.md'}" in proc.stdout
   assert _table((tmp_path / "report.md").read_text())["greedy soup"] == [
       "82.00", "81.00", "65.00", "65.00"]

@@ -1,6 +1,6 @@
 r"""report.md and plots of a soup directory, from its results.json and greedy journal.
 
-  python -m eval.report --soup_dir=runs/demo/sweep/soups/ema_low
+  python -m soups.report --soup_dir=runs/demo/sweep/soups/ema_low
 
 Writes `report.md` (a table of every ingredient and soup: held-out, test,
 each shift and the shift average, in %) and three PNGs in the spirit of the
@@ -9,7 +9,6 @@ accuracy, and the greedy soup's held-out accuracy as candidates are tried.
 """
 
 import io
-import json
 import os
 
 from absl import app
@@ -19,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
+from soups import soup_dir as soup_dir_lib  # pylint: disable=g-import-not-at-top
 from train import files  # pylint: disable=g-import-not-at-top
 
 SOUP_ORDER = ("uniform", "greedy", "learned", "ensemble")
@@ -151,47 +151,17 @@ def _greedy_plot(journal, path):
   _save(fig, path)
 
 
-def read_journal(soup_dir):
-  """The greedy journal's entries of a soup directory (see `read_journal_file`)."""
-  return read_journal_file(os.path.join(soup_dir, "greedy_journal.jsonl"))
-
-
-def read_journal_file(path):
-  """A greedy journal's entries; a torn last line (an interrupted soup step) is dropped."""
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    lines = [line for line in f.read().splitlines() if line.strip()]
-  entries = []
-  for number, line in enumerate(lines, 1):
-    try:
-      entries.append(json.loads(line))
-    except json.JSONDecodeError as e:
-      if number < len(lines):
-        raise ValueError(f"{path}: line {number} is not JSON: {e}") from e
-  return entries
-
-
-def read_results(soup_dir):
-  """The soup directory's results.json, or an error saying how to make it."""
-  path = os.path.join(soup_dir, "results.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist; cook the soups first (python -m soups)")
-  with open(path) as f:
-    return json.load(f)
-
-
 def write_report(soup_dir, sections=()):
   """Writes report.md (with `sections`, see `markdown`) and the plots into `soup_dir`; returns its path."""
-  results = read_results(soup_dir)
-  journal = read_journal(soup_dir)
+  results = soup_dir_lib.read_results(soup_dir)
+  journal = soup_dir_lib.read_journal(soup_dir)
   _scatter(results, lambda r: r["heldout_acc"], "held-out accuracy (%)",
            "Held-out vs test accuracy", os.path.join(soup_dir, PLOTS[0]))
   _scatter(results, shift_average, "average shift accuracy (%)",
            "Robustness: shift vs in-distribution accuracy", os.path.join(soup_dir, PLOTS[1]))
   if journal:
     _greedy_plot(journal, os.path.join(soup_dir, PLOTS[2]))
-  path = os.path.join(soup_dir, "report.md")
+  path = soup_dir_lib.path(soup_dir, soup_dir_lib.REPORT)
   files.write_bytes_atomic(path, markdown(results, journal, sections).encode())
   return path
 
