@@ -23,7 +23,6 @@ from absl import flags
 import flax
 import jax
 from ml_collections import config_flags
-import tensorflow as tf
 
 from eval import evaluators as eval_lib
 from eval import run_config
@@ -32,6 +31,7 @@ from train import files
 from train import sharding
 from train import ssf
 from train import startup
+from train import tf_setup
 from train import vit
 
 _WEIGHTS = flags.DEFINE_list("weights", None, "An .npz file or an orbax checkpoint directory; "
@@ -112,7 +112,7 @@ def default_out(weights, suite):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  tf.config.set_visible_devices([], "GPU")  # Keep accelerators for JAX.
+  tf_setup.hide_gpus_from_tensorflow()
   startup.init()
   weights, suite = _WEIGHTS.value, _SUITE.value
   if suite not in eval_lib.known_suites():
