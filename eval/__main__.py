@@ -21,13 +21,13 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 import jax
 from ml_collections import config_flags
-import tensorflow as tf
 
 from eval import evaluate as evaluate_lib
 from eval import evaluators as eval_lib
 from eval import run_config
 from train import files
 from train import startup
+from train import tf_setup
 
 _WEIGHTS = flags.DEFINE_list("weights", None, "An .npz file or an orbax checkpoint directory; "
                              "several (comma-separated): their logit ensemble.", required=True)
@@ -52,7 +52,7 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  tf.config.set_visible_devices([], "GPU")  # Keep accelerators for JAX.
+  tf_setup.hide_gpus_from_tensorflow()
   startup.init()
   weights, suite = _WEIGHTS.value, _SUITE.value
   if suite not in eval_lib.known_suites():

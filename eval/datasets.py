@@ -13,8 +13,6 @@ import numpy as np
 
 from train import data
 
-_LABEL_SCAN_CHUNK = 4096
-
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
@@ -41,14 +39,6 @@ def class_names(config, builder):
 def run_split(config, builder, split, name, pp, what):
   """`split` of the run's own dataset (`builder`), keeping the run's classes."""
   return Dataset(name, data.open_split(builder, split, tuple(config.input.classes), what), pp)
-
-
-def present_labels(split):
-  """Sorted distinct labels of a split (reads every record once)."""
-  seen = set()
-  for start in range(0, len(split), _LABEL_SCAN_CHUNK):
-    seen.update(split.read(np.arange(start, min(start + _LABEL_SCAN_CHUNK, len(split))))[1])
-  return np.array(sorted(seen), np.int64)
 
 
 def foreign_split(config, run_builder, builder, split, name, pp, covered_only=False,
@@ -84,6 +74,6 @@ def foreign_split(config, run_builder, builder, split, name, pp, covered_only=Fa
   subset = None
   if covered_only:
     full = opened if full_split in (None, split) else open_mapped(full_split)
-    covered = present_labels(full)
+    covered = np.unique(full.labels())  # Reads every record once.
     subset = covered if len(covered) < len(model_index) else None
   return Dataset(name, opened, pp, subset)

@@ -21,6 +21,7 @@ import tensorflow as tf
 from eval import datasets
 from train import data
 from train import preprocess
+from train import warps
 
 
 def gaussian_noise(sigma, key="image"):
@@ -64,20 +65,12 @@ def contrast(factor, key="image"):
 
 def rotate(degrees, key="image"):
   """Rotates by a fixed angle about the centre, filling with black."""
+  angle = degrees * math.pi / 180.0
+  cos, sin = math.cos(angle), math.sin(angle)
+
   def op(example, seed):
     del seed
-    image = example[key]
-    angle = degrees * math.pi / 180.0
-    h, w = tf.cast(tf.shape(image)[0], tf.float32), tf.cast(tf.shape(image)[1], tf.float32)
-    cos, sin = math.cos(angle), math.sin(angle)
-    cx, cy = (w - 1) / 2, (h - 1) / 2
-    transform = tf.stack([cos, -sin, cx - cos * cx + sin * cy,
-                          sin, cos, cy - sin * cx - cos * cy, 0.0, 0.0])
-    out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=tf.cast(image, tf.float32)[None], transforms=transform[None],
-        output_shape=tf.shape(image)[:2], fill_value=0.0, interpolation="BILINEAR",
-        fill_mode="CONSTANT")[0]
-    return {**example, key: tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)}
+    return {**example, key: warps.rotate(example[key], cos, sin, fill=0)}
   return op
 
 

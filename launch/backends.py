@@ -13,6 +13,7 @@ import sys
 import time
 
 from launch import sweep as sweep_lib
+from train import durations
 from train import files
 
 BACKENDS = ("local", "slurm", "tpu")
@@ -75,7 +76,8 @@ def run_local(sweep_dir, base, entries, parallel=1, gpus=(), dry_run=False, log=
       finished += 1
       remaining = len(entries) - finished
       eta = (time.monotonic() - start) / finished * remaining
-      log(f"[launch] {finished}/{len(entries)} runs finished | ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+      log(f"[launch] {finished}/{len(entries)} runs finished | "
+          f"ETA {durations.format_duration(eta)}")
   return failed
 
 

@@ -27,6 +27,7 @@ from absl import flags
 
 from launch import sweep as sweep_lib
 from soups import diagnostics_report
+from train import durations
 
 _OUT = flags.DEFINE_string("out", "runs/demo", "Where everything is written.")
 _SIZE = flags.DEFINE_enum("size", "full", ("full", "small"),
@@ -42,7 +43,7 @@ STAGES = 4
 
 
 def _stage(index, text, eta_seconds=None):
-  eta = f" | ETA {int(eta_seconds // 60)}m{int(eta_seconds % 60):02d}s" if eta_seconds else ""
+  eta = f" | ETA {durations.format_duration(eta_seconds)}" if eta_seconds else ""
   print(f"[demo {index}/{STAGES}] {text}{eta}", flush=True)
 
 

@@ -12,6 +12,7 @@ from absl import logging
 from soups import cli
 from soups import soup_step
 from train import startup
+from train import tf_setup
 
 _RECIPES = flags.DEFINE_list("recipes", list(soup_step.Options().recipes),
                              f"Recipes to cook, of {[*soup_step.RECIPES, soup_step.WISE_FT]}.")
@@ -27,6 +28,7 @@ _WISE_FT_ALPHAS = flags.DEFINE_list("wise_ft_alphas", ["0", "0.25", "0.5", "0.75
 
 def main(argv):
   del argv
+  tf_setup.hide_gpus_from_tensorflow()
   startup.init()
   ingredients, soup_dir = cli.ingredients_and_soup_dir()
   options = soup_step.Options(

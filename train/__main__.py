@@ -14,12 +14,12 @@ import sys  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from absl import app
 from absl import flags
 from ml_collections import config_flags
-import tensorflow as tf
 
 from train import checkpoint
 from train import distributed
 from train import preemption
 from train import startup
+from train import tf_setup
 from train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -46,7 +46,7 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  tf.config.set_visible_devices([], "GPU")  # Keep accelerators for JAX.
+  tf_setup.hide_gpus_from_tensorflow()
   startup.init()
   distributed.initialize()
   try:

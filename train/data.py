@@ -47,6 +47,14 @@ class Split:
     labels = self.label_map[np.array([r["label"] for r in records], np.int64)]
     return images, labels
 
+  def labels(self):
+    """Label of every example of the split, in order (reads every record once, in chunks)."""
+    labels = np.empty(len(self), np.int64)
+    for start in range(0, len(self), _LABEL_SCAN_CHUNK):
+      positions = np.arange(start, min(start + _LABEL_SCAN_CHUNK, len(self)))
+      labels[positions] = self.read(positions)[1]
+    return labels
+
 
 def dataset_builder(dataset, data_dir):
   """The TFDS builder of a prepared `dataset`, or an error saying how to prepare it."""
@@ -58,13 +66,6 @@ def dataset_builder(dataset, data_dir):
         f"TFDS dataset {dataset!r} is not prepared in {builder.data_dir}; prepare it "
         f"with: {hint.format(data_dir=builder.data_dir_root)}")
   return builder
-
-
-def _read_labels(source):
-  return np.concatenate([
-      np.array([r["label"] for r in source.__getitems__(
-          list(range(start, min(start + _LABEL_SCAN_CHUNK, len(source)))))], np.int64)
-      for start in range(0, len(source), _LABEL_SCAN_CHUNK)])
 
 
 def open_split(builder, split, classes=(), what="split"):
@@ -98,7 +99,7 @@ def open_split(builder, split, classes=(), what="split"):
                        f"(0..{num_labels - 1})")
     label_map = np.full(num_labels, -1, np.int64)
     label_map[list(classes)] = np.arange(len(classes))
-    indices = np.flatnonzero(label_map[_read_labels(source)] >= 0)
+    indices = np.flatnonzero(Split(name, source, indices, label_map).labels() >= 0)
   if not len(indices):
     raise ValueError(f"{what}={split!r} of {builder.name} has no example of "
                      f"classes {list(classes)}")

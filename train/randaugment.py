@@ -18,6 +18,8 @@ import math
 
 import tensorflow as tf
 
+from train import warps
+
 MAX_LEVEL = 10.0
 FILL = 128  # Gray fill for pixels that geometric ops bring in from outside.
 
@@ -33,15 +35,6 @@ def _grayscale(image):
   if image.shape[-1] != 3:
     return image
   return tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(image))
-
-
-def _project(image, transform):
-  """Applies a projective transform mapping output (x, y) to input coordinates."""
-  out = tf.raw_ops.ImageProjectiveTransformV3(
-      images=tf.cast(image[None], tf.float32), transforms=tf.cast(transform, tf.float32)[None],
-      output_shape=tf.shape(image)[:2], fill_value=float(FILL), interpolation="BILINEAR",
-      fill_mode="CONSTANT")
-  return tf.cast(tf.clip_by_value(tf.round(out[0]), 0, 255), tf.uint8)
 
 
 def _signed(value, seed):
@@ -82,12 +75,7 @@ def invert(image, level, seed):
 def rotate(image, level, seed):
   degrees = _signed(level / MAX_LEVEL * 30.0, seed)
   angle = degrees * math.pi / 180.0
-  h, w = tf.cast(tf.shape(image)[0], tf.float32), tf.cast(tf.shape(image)[1], tf.float32)
-  cos, sin = tf.cos(angle), tf.sin(angle)
-  cx, cy = (w - 1) / 2, (h - 1) / 2
-  # Inverse rotation about the centre: output (x, y) reads input R^-1 (x - c) + c.
-  return _project(image, [cos, -sin, cx - cos * cx + sin * cy,
-                          sin, cos, cy - sin * cx - cos * cy, 0.0, 0.0])
+  return warps.rotate(image, tf.cos(angle), tf.sin(angle), FILL)
 
 
 def posterize(image, level, seed):
@@ -135,8 +123,8 @@ def _smoothed(image):
 def _shear(axis):
   def op(image, level, seed):
     s = _signed(level / MAX_LEVEL * 0.3, seed)
-    return _project(image, [1.0, s, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0] if axis == "x"
-                    else [1.0, 0.0, 0.0, s, 1.0, 0.0, 0.0, 0.0])
+    return warps.project(image, [1.0, s, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0] if axis == "x"
+                         else [1.0, 0.0, 0.0, s, 1.0, 0.0, 0.0, 0.0], FILL)
   return op
 
 
@@ -144,8 +132,8 @@ def _translate(axis):
   def op(image, level, seed):
     size = tf.cast(tf.shape(image)[1 if axis == "x" else 0], tf.float32)
     pixels = _signed(level / MAX_LEVEL * 0.45 * size, seed)
-    return _project(image, [1.0, 0.0, pixels, 0.0, 1.0, 0.0, 0.0, 0.0] if axis == "x"
-                    else [1.0, 0.0, 0.0, 0.0, 1.0, pixels, 0.0, 0.0])
+    return warps.project(image, [1.0, 0.0, pixels, 0.0, 1.0, 0.0, 0.0, 0.0] if axis == "x"
+                         else [1.0, 0.0, 0.0, 0.0, 1.0, pixels, 0.0, 0.0], FILL)
   return op
 
 

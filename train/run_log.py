@@ -14,6 +14,7 @@ from absl import logging as absl_logging
 from clu import metric_writers
 import jax
 
+from train import durations
 from train import files
 from train import run_dir
 
@@ -89,13 +90,6 @@ def make_writer(workdir, resume_step=0):
   ])
 
 
-def _duration(seconds):
-  seconds = int(seconds)
-  if seconds >= 3600:
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-  return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 class Progress:
   """Console progress: step, bar, images/s and ETA, from the loop's own clock.
 
@@ -144,7 +138,8 @@ class Progress:
     bar = "#" * int(done * 20)
     line = f"[{self.name}] step {step}/{self.total_steps} [{bar:<20}] {done:4.0%}"
     if rates:
-      line += f" | {rates['img_per_sec']:.0f} img/s | ETA {_duration(rates['eta_sec'])}"
+      line += (f" | {rates['img_per_sec']:.0f} img/s | "
+               f"ETA {durations.format_duration(rates['eta_sec'])}")
     line += "".join(f" | {k} {v:.4g}" for k, v in metrics.items())
     terminal = self.out.isatty()
     end = "\n" if not terminal or step >= self.total_steps else ""
