@@ -29,7 +29,7 @@ What is and is not measured:
     set of compiled steps (`averaging._steps` is cached per tree).
   * With --naive, a third search re-averages the selected set from scratch
     for every candidate (`averaging.average` of kept + candidate, restored
-    with `ingredients.restore`) and evaluates it in full: the cost of a
+    with `restore.restore`) and evaluates it in full: the cost of a
     search without the running sum. (The model-soups reference code does
     not do this: it keeps the soup in memory, one read per candidate, like
     the no-early-abort row.) It checks the selection by another path, too.

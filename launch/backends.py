@@ -15,6 +15,7 @@ import time
 from launch import sweep as sweep_lib
 from train import durations
 from train import files
+from train import run_dir
 
 BACKENDS = ("local", "slurm", "tpu")
 
@@ -52,12 +53,10 @@ def run_local(sweep_dir, base, entries, parallel=1, gpus=(), dry_run=False, log=
       slot = next(i for i in range(parallel) if i not in {s for s, _ in running.values()})
       workdir = os.path.join(sweep_dir, entry["workdir"])
       os.makedirs(workdir, exist_ok=True)
-      if os.path.exists(os.path.join(workdir, "FAILED")):  # A retry clears the old failure.
-        os.remove(os.path.join(workdir, "FAILED"))
-      with open(os.path.join(workdir, "train.log"), "ab") as out:
+      with open(run_dir.train_log_path(workdir), "ab") as out:
         proc = subprocess.Popen(commands[entry["name"]], stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, **slots[slot]})
-      files.write_bytes_atomic(os.path.join(workdir, "RUNNING"), str(proc.pid).encode())
+      run_dir.mark_running(workdir, proc.pid)  # A retry clears the old failure.
       running[entry["name"]] = (slot, proc)
       log(f"[launch] started {entry['name']} (pid {proc.pid})")
     time.sleep(0.5)
@@ -66,11 +65,11 @@ def run_local(sweep_dir, base, entries, parallel=1, gpus=(), dry_run=False, log=
         continue
       del running[name]
       workdir = os.path.join(sweep_dir, name)
-      os.remove(os.path.join(workdir, "RUNNING"))
+      run_dir.mark_ended(workdir, proc.returncode)
       if proc.returncode:
         failed.append(name)
-        files.write_bytes_atomic(os.path.join(workdir, "FAILED"), str(proc.returncode).encode())
-        log(f"[launch] {name} FAILED (exit {proc.returncode}); see {workdir}/train.log")
+        log(f"[launch] {name} FAILED (exit {proc.returncode}); see "
+            f"{run_dir.train_log_path(workdir)}")
       else:
         log(f"[launch] {name} done")
       finished += 1

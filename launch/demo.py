@@ -16,7 +16,6 @@ already done, so re-running after a kill continues where it stopped.
   python -m launch.demo --out=runs/demo_naive --regime=naive  # the first wave's regime, for comparison
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from absl import flags
 from launch import sweep as sweep_lib
 from soups import diagnostics_report
 from train import durations
+from train import run_dir
 
 _OUT = flags.DEFINE_string("out", "runs/demo", "Where everything is written.")
 _SIZE = flags.DEFINE_enum("size", "full", ("full", "small"),
@@ -57,9 +57,7 @@ def _run(*args):
 
 def _images_per_second(workdir):
   """Training throughput measured by the pre-training run, for the next stages' ETA."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rates = [json.loads(line).get("img_per_sec") for line in f]
-  rates = [r for r in rates if r]
+  rates = [r for r in run_dir.logged_metric(workdir, "img_per_sec") if r]
   return sum(rates) / len(rates) if rates else None
 
 
@@ -74,7 +72,7 @@ def main(argv):
   _run("train", f"--config=configs/fashion_mnist.py:stage=pretrain,variant={_VARIANT.value}",
        f"--workdir={pretrain_dir}",
        f"--config.total_steps={_PRETRAIN_STEPS.value}", *data)
-  npz = os.path.join(pretrain_dir, "final", "params.npz")
+  npz = run_dir.exported_weights(pretrain_dir, "params")
 
   sweep = (f"configs/sweeps/fashion_mnist.py:init={npz},size={_SIZE.value},"
            f"steps={_FINETUNE_STEPS.value},data_dir={_DATA_DIR.value},regime={_REGIME.value},"

@@ -39,6 +39,7 @@ from soups import report
 from soups import soup_dir as soup_dir_lib
 from soups import soup_step
 from train import startup
+from train import tf_setup
 from train import trees
 
 
@@ -258,6 +259,7 @@ def _define_flags():
 
 def main(argv):
   del argv
+  tf_setup.hide_gpus_from_tensorflow()
   startup.init()
   f = flags.FLAGS
   if f.alphas < 2 or f.block < 1 or f.landscape_grid < 0:
