@@ -241,7 +241,7 @@ def diagnose(ingredients, soup_dir, pairs=(), alphas=11, landscape_grid=9, block
   if jax.process_index() == 0:
     diagnostics_report.write(soup_dir, data)
     if os.path.exists(soup_dir_lib.path(soup_dir, soup_dir_lib.RESULTS)):
-      report.write_report(soup_dir, diagnostics_report.markdown(soup_dir))
+      report.write_report(soup_dir)
   return data
 
 

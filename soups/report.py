@@ -5,7 +5,8 @@ r"""report.md and plots of a soup directory, from its results.json and greedy jo
 Writes `report.md` (a table of every ingredient and soup: held-out, test,
 each shift and the shift average, in %) and three PNGs in the spirit of the
 model-soups paper: held-out vs test accuracy, average shift accuracy vs test
-accuracy, and the greedy soup's held-out accuracy as candidates are tried.
+accuracy, and the greedy soup's held-out accuracy as candidates are tried;
+then the Diagnostics section when `python -m soups.diagnose` has run there.
 """
 
 import io
@@ -18,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
+from soups import diagnostics_report  # pylint: disable=g-import-not-at-top
 from soups import soup_dir as soup_dir_lib  # pylint: disable=g-import-not-at-top
 from train import files  # pylint: disable=g-import-not-at-top
 
@@ -51,7 +53,7 @@ def _warning_lines(results):
 
 
 def markdown(results, journal, sections=()):
-  """The report's text; `sections`: more markdown lines at the end (e.g. the soup diagnostics)."""
+  """The report's text; `sections`: more markdown lines at the end (the soup diagnostics)."""
   shift_names = sorted({k for _, r in _rows(results) for k in (r.get("shift_acc") or {})})
   header = ["model", "held-out %", "test %"] + [f"{s} %" for s in shift_names]
   header += ["shift avg %"] if shift_names else []
@@ -151,8 +153,8 @@ def _greedy_plot(journal, path):
   _save(fig, path)
 
 
-def write_report(soup_dir, sections=()):
-  """Writes report.md (with `sections`, see `markdown`) and the plots into `soup_dir`; returns its path."""
+def write_report(soup_dir):
+  """Writes report.md and the plots into `soup_dir`, with the diagnostics when measured; returns its path."""
   results = soup_dir_lib.read_results(soup_dir)
   journal = soup_dir_lib.read_journal(soup_dir)
   _scatter(results, lambda r: r["heldout_acc"], "held-out accuracy (%)",
@@ -162,6 +164,7 @@ def write_report(soup_dir, sections=()):
   if journal:
     _greedy_plot(journal, os.path.join(soup_dir, PLOTS[2]))
   path = soup_dir_lib.path(soup_dir, soup_dir_lib.REPORT)
+  sections = diagnostics_report.markdown(soup_dir)
   files.write_bytes_atomic(path, markdown(results, journal, sections).encode())
   return path
 

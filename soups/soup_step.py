@@ -24,7 +24,6 @@ import numpy as np
 from eval import ensemble
 from eval import evaluators as eval_lib
 from soups import averaging
-from soups import diagnostics_report
 from soups import greedy
 from soups import ingredients as ingredients_lib
 from soups import learned
@@ -331,5 +330,5 @@ def cook(ingredients, soup_dir, options=None, recipes=None):
     records.results[WISE_FT] = cook_wise_ft(kitchen, *_wise_ft_endpoint(kitchen, records, cooked))
     records.save()
   if jax.process_index() == 0:
-    report.write_report(soup_dir, diagnostics_report.markdown(soup_dir))
+    report.write_report(soup_dir)
   return records.results
