@@ -14,7 +14,8 @@ What is and is not measured:
     the same accuracies. Batches and images come from each cook's own
     results.json (`soups.greedy.search`) and greedy journal.
   * Wall time is that of `greedy.greedy_soup` alone, timed by a greedy
-    recipe that wraps it, given to `cook` in place of the default one (not the test-set evaluation, weight export or report
+    recipe that wraps it, given to `cook` in place of the default one (not
+    the test-set evaluation, weight export or report
     that follow it). Before the clock starts, the wrapper compiles the
     held-out step and the running sum and makes one full held-out pass,
     which also fills the held-out split's host cache, as the per-ingredient
@@ -69,7 +70,8 @@ _NAIVE = flags.DEFINE_bool("naive", True, "Also time the re-average-from-scratch
 _WARM_UP = flags.DEFINE_bool("warm_up", True,
                              "Compile and fill the held-out cache before the clock starts.")
 _EVAL_BATCH = flags.DEFINE_integer("eval_batch_size", 0, "Held-out batch size (0: the runs' own).")
-_OUT = flags.DEFINE_string("out", "bench/results/greedy_cost.json", "Where to write the JSON results.")
+_OUT = flags.DEFINE_string("out", "bench/results/greedy_cost.json",
+                           "Where to write the JSON results.")
 
 ROWS = ("early_abort", "no_early_abort", "naive_reaverage")
 LABELS = {"early_abort": "early abort", "no_early_abort": "no early abort",
@@ -118,7 +120,7 @@ def _warm_up(evaluator, weights, running_sum=None):
 
 
 class SearchProbe:
-  """Stands in for `greedy.greedy_soup` in the greedy recipe: warms up, then times the real search."""
+  """Stands in for `greedy.greedy_soup` in the greedy recipe: warms up, then times the search."""
 
   def __init__(self, compile_clock):
     self.clock, self.last = compile_clock, None

@@ -81,7 +81,8 @@ def main(argv):
   rows = []
   for name, overrides in SETTINGS.items():
     rate = pipeline_rate(_config(overrides), split)
-    rows.append({"setting": name, "pipeline_img_per_s": rate, "ratio_to_train_step": rate / step_rate})
+    rows.append({"setting": name, "pipeline_img_per_s": rate,
+                 "ratio_to_train_step": rate / step_rate})
   print(f"train step ({_VARIANT.value}, batch {_BATCH.value}, {jax.devices()[0].platform}): "
         f"{step_rate:,.0f} img/s")
   print(f"{'pipeline setting':<38} {'img/s':>9} {'÷ train step':>13}")

@@ -164,8 +164,10 @@ def benchmark(variant):
   for name in names:
     step_s = statistics.median(seconds[name]) / spec["steps"]
     rows.append({"side": name, "img_per_s": config.batch_size / step_s, "ms_per_step": 1e3 * step_s,
-                 "achieved_flops_per_s": flops / step_s, "fraction_of_matmul": flops / step_s / roof,
-                 "img_per_s_rounds": [config.batch_size * spec["steps"] / s for s in seconds[name]]})
+                 "achieved_flops_per_s": flops / step_s,
+                 "fraction_of_matmul": flops / step_s / roof,
+                 "img_per_s_rounds": [config.batch_size * spec["steps"] / s
+                                      for s in seconds[name]]})
   for row in rows:
     row["stockpot_ratio"] = rows[0]["img_per_s"] / row["img_per_s"]
   return {"variant": variant, **spec, "repeats": _REPEATS.value,
@@ -180,7 +182,8 @@ def print_table(result):
   m = result["matmul_flops_per_s"]
   print(f"\nViT-{result['variant']} {result['image_size']}x{result['image_size']}x"
         f"{result['channels']}, {result['num_classes']} classes, batch {result['batch_size']}, "
-        f"float32. GFLOP/step: model {f['model'] / 1e9:.2f}, XLA {f['xla_cost_analysis'] / 1e9:.2f}, "
+        f"float32. GFLOP/step: model {f['model'] / 1e9:.2f}, "
+        f"XLA {f['xla_cost_analysis'] / 1e9:.2f}, "
         f"torch FlopCounterMode {f['torch_flop_counter'] / 1e9:.2f}. Matmul "
         f"{_MATMUL.value}^3: JAX {m['jax'] / 1e9:.1f}, PyTorch {m['torch'] / 1e9:.1f} GFLOP/s")
   print(f"{'side':<15} {'img/s':>9} {'ms/step':>9} {'GFLOP/s':>8} {'÷ matmul':>9} "
@@ -206,7 +209,8 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"--models has {sorted(unknown)}; known: {list(MODELS)}")
   if not os.access(_PEER_PYTHON.value, os.X_OK):
-    raise app.UsageError(f"--peer_python={_PEER_PYTHON.value} is not there: make .venv-bench/.installed")
+    raise app.UsageError(f"--peer_python={_PEER_PYTHON.value} is not there: "
+                         "make .venv-bench/.installed")
   load_before = os.getloadavg()
   results = [benchmark(variant) for variant in _MODELS.value]
   machine = {"cpu": cpu_name(), "cores": os.cpu_count(),

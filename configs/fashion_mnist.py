@@ -11,13 +11,13 @@ Pre-train; fit a linear probe of the exported weights on the downstream
 classes; fine-tune from the probe (LP-FT, Kumar et al. 2022):
 
   python -m train --config=configs/fashion_mnist.py:stage=pretrain \
-      --workdir=runs/fmnist_pretrain
+      --workdir=runs/pretrain
   python -m train \
-      --config=configs/fashion_mnist.py:stage=linear_probe,init=runs/fmnist_pretrain/final/params.npz \
-      --workdir=runs/fmnist_probe
+      --config=configs/fashion_mnist.py:stage=linear_probe,init=runs/pretrain/final/params.npz \
+      --workdir=runs/probe
   python -m train \
-      --config=configs/fashion_mnist.py:init=runs/fmnist_probe/final/params.npz \
-      --workdir=runs/fmnist_finetune --config.lr=0.05
+      --config=configs/fashion_mnist.py:init=runs/probe/final/params.npz \
+      --workdir=runs/finetune --config.lr=0.05
 
 Arguments: stage=pretrain|linear_probe|finetune (default finetune), init=<npz>
 (linear_probe, finetune), variant=<ViT variant> (default pico/7), runlocal (a

@@ -1,6 +1,7 @@
 r"""Expands a sweep into runs and launches them; `status` shows where they stand.
 
-  python -m launch --sweep=configs/sweeps/fashion_mnist.py:init=runs/demo/pretrain/final/params.npz \
+  python -m launch \
+      --sweep=configs/sweeps/fashion_mnist.py:init=runs/demo/pretrain/final/params.npz \
       --sweep_dir=runs/demo/sweep [--backend=local|slurm|tpu] [--parallel=2] [--dry_run]
   python -m launch status --sweep_dir=runs/demo/sweep
 
@@ -89,7 +90,7 @@ def _launch_local(sweep_dir, manifest, start_todo, todo):
 
 
 def _launch_slurm(sweep_dir, manifest, start_todo, todo):
-  """One array job for the grid; with a start run to do, a job before it that the array waits for."""
+  """One array job for the grid; with a start run to do, a job first that the array waits for."""
   args = (_NODES.value, _GPUS_PER_NODE.value, _TIME.value, _PARTITION.value)
   script = backends.slurm_script(sweep_dir, manifest["base"], todo, *args)
   print(f"[launch] wrote {script} ({len(todo)} array tasks)")

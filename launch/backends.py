@@ -38,7 +38,7 @@ def _device_slots(gpus, parallel):
 
 
 def run_local(sweep_dir, base, entries, parallel=1, gpus=(), dry_run=False, log=print):
-  """Runs `entries` of trainer config `base` here, `parallel` at a time; returns the names that failed."""
+  """Runs `entries` of trainer config `base` here, `parallel` at a time; returns the failed ones."""
   commands = {e["name"]: train_command(base, e, sweep_dir) for e in entries}
   if dry_run:
     for command in commands.values():

@@ -13,7 +13,7 @@ Everything lands under --out (default runs/demo). Each stage skips what is
 already done, so re-running after a kill continues where it stopped.
 
   python -m launch.demo --out=runs/demo [--size=small --pretrain_steps=300 --finetune_steps=60]
-  python -m launch.demo --out=runs/demo_naive --regime=naive  # the first wave's regime, for comparison
+  python -m launch.demo --out=runs/demo_naive --regime=naive  # the first wave's regime, to compare
 """
 
 import os

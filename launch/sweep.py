@@ -54,7 +54,8 @@ def load(sweep_spec):
     raise FileNotFoundError(f"--sweep={sweep_spec}: no sweep file {path}") from e
   missing = {"base", "grid"} - set(sweep)
   if missing:
-    raise ValueError(f"sweep {path}: get_config() must return 'base' and 'grid'; missing {sorted(missing)}")
+    raise ValueError(f"sweep {path}: get_config() must return 'base' and 'grid'; "
+                     f"missing {sorted(missing)}")
   if not sweep["grid"]:
     raise ValueError(f"sweep {sweep_spec}: the grid is empty")
   start = sweep.get("start")
@@ -91,7 +92,8 @@ def _short(value):
 def run_name(overrides):
   """'lr0.01-mixup_alpha0.2-3f9c2a1b': the varied keys' last parts and values, plus a hash."""
   digest = hashlib.sha1(_canonical(overrides).encode()).hexdigest()[:8]
-  human = "-".join(f"{key.split('.')[-1]}{_short(value)}" for key, value in sorted(overrides.items()))
+  human = "-".join(f"{key.split('.')[-1]}{_short(value)}"
+                   for key, value in sorted(overrides.items()))
   return f"{human[:60]}-{digest}" if human else digest
 
 

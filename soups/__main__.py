@@ -16,14 +16,15 @@ from train import tf_setup
 
 _RECIPES = flags.DEFINE_list("recipes", list(soup_step.Options().recipes),
                              f"Recipes to cook, of {[*soup_step.RECIPES, soup_step.WISE_FT]}.")
-_SHIFT_SUITE = flags.DEFINE_string("shift_suite", "", "A distribution-shift suite of eval/ to report.")
+_SHIFT_SUITE = flags.DEFINE_string("shift_suite", "",
+                                   "A distribution-shift suite of eval/ to report.")
 _EARLY_ABORT = flags.DEFINE_bool("greedy_early_abort", True,
                                  "Stop evaluating a greedy candidate once it cannot be kept.")
 _LEARNED_MODE = flags.DEFINE_enum("learned_mode", "global", ("global", "per_layer"),
                                   "One mixing coefficient per ingredient, or per tensor.")
 _LEARNED_EPOCHS = flags.DEFINE_integer("learned_epochs", 5, "Epochs over the held-out split.")
 _WISE_FT_ALPHAS = flags.DEFINE_list("wise_ft_alphas", ["0", "0.25", "0.5", "0.75", "1"],
-                                    "Interpolation points from the pre-trained init (0) to the soup (1).")
+                                    "Points from the pre-trained init (0) to the soup (1).")
 
 
 def main(argv):

@@ -70,7 +70,7 @@ def _steps(treedef, dtypes, shardings):
 
 
 class RunningSum:
-  """sum_i w_i * ingredient_i in float32, sharded like `abstract` (ShapeDtypeStructs with shardings)."""
+  """sum_i w_i * ingredient_i in float32, sharded like `abstract` (sharded ShapeDtypeStructs)."""
 
   def __init__(self, abstract):
     leaves, treedef = jax.tree.flatten(abstract)

@@ -12,12 +12,15 @@ from absl import flags
 from soups import ingredients as ingredients_lib
 from train import checkpoint
 
-SWEEP_DIR = flags.DEFINE_string("sweep_dir", "", "A sweep directory (its manifest.json lists the runs).")
+SWEEP_DIR = flags.DEFINE_string("sweep_dir", "",
+                                "A sweep directory (its manifest.json lists the runs).")
 INGREDIENTS = flags.DEFINE_list(
-    "ingredients", [], "Run directories, orbax item directories or .npz files (instead of --sweep_dir).")
+    "ingredients", [],
+    "Run directories, orbax item directories or .npz files (instead of --sweep_dir).")
 WEIGHTS = flags.DEFINE_enum("weights", "ema_low", checkpoint.WEIGHT_NAMES,
                             "Which weight set of each run to soup (the paper uses the low EMA).")
-SOUP_DIR = flags.DEFINE_string("soup_dir", "", "Output directory; default <sweep_dir>/soups/<weights>.")
+SOUP_DIR = flags.DEFINE_string("soup_dir", "",
+                               "Output directory; default <sweep_dir>/soups/<weights>.")
 
 
 def ingredients_and_soup_dir():

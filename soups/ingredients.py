@@ -81,7 +81,8 @@ def from_paths(paths, weights):
     elif run_dir_lib.is_run(path):
       ingredients.append(_run_ingredient(path, weights))
     elif os.path.isdir(path):
-      ingredients.append(Ingredient(os.path.basename(os.path.normpath(path)), os.path.abspath(path)))
+      ingredients.append(Ingredient(os.path.basename(os.path.normpath(path)),
+                                    os.path.abspath(path)))
     else:
       raise FileNotFoundError(f"ingredient {path} is neither a run directory, an orbax "
                               "checkpoint directory nor an .npz file")
@@ -119,7 +120,8 @@ def check_compatible(ingredients):
     other = metadata(ingredient)
     for path in sorted(set(reference) | set(other)):
       if path not in other or path not in reference:
-        has, lacks = (ingredients[0], ingredient) if path not in other else (ingredient, ingredients[0])
+        has, lacks = ((ingredients[0], ingredient) if path not in other
+                      else (ingredient, ingredients[0]))
         raise ValueError(f"ingredient {lacks.name} ({lacks.path}) has no parameter {path!r}, "
                          f"which {has.name} has: ingredients must share one architecture")
       if other[path] != reference[path]:

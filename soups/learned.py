@@ -62,7 +62,7 @@ def mixing_weights(logits):
 
 
 def fit(model, stacked, mode, heldout, loss_fn, epochs=5, learning_rate=0.1):
-  """Fits the mixing logits on `heldout` (a `SplitAccuracy`); returns (soup params, logits, losses)."""
+  """Fits the mixing logits on `heldout` (a `SplitAccuracy`); returns (params, logits, losses)."""
   logits = init_logits(stacked, mode)
   tx = optax.adam(learning_rate)
   opt_state = tx.init(logits)

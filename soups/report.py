@@ -154,7 +154,7 @@ def _greedy_plot(journal, path):
 
 
 def write_report(soup_dir):
-  """Writes report.md and the plots into `soup_dir`, with the diagnostics when measured; returns its path."""
+  """Writes report.md (with the diagnostics when measured) and the plots; returns its path."""
   results = soup_dir_lib.read_results(soup_dir)
   journal = soup_dir_lib.read_journal(soup_dir)
   _scatter(results, lambda r: r["heldout_acc"], "held-out accuracy (%)",

@@ -120,7 +120,7 @@ def append_journal(journal_path, entry):
 
 
 def has_weights(soup_dir, recipe):
-  """Whether both weight files of a soup are complete (orbax renames its directory in when whole)."""
+  """Whether both weight files of a soup are complete (orbax renames its directory in whole)."""
   return os.path.exists(weights_orbax(soup_dir, recipe))
 
 

@@ -51,7 +51,7 @@ def _get(config, dotted):
 
 
 def shared_config(ingredients):
-  """The run config the soup evaluates with; ingredients whose runs disagree on SHARED_KEYS are refused."""
+  """The run config the soup evaluates with; runs that disagree on SHARED_KEYS are refused."""
   with_runs = [i for i in ingredients if i.run_dir]
   if not with_runs:
     raise ValueError("no ingredient comes from a run directory (with config.json): the soup "
@@ -110,7 +110,7 @@ class SoupSetup:
 
 
 class Scorer:
-  """Held-out, test and shift accuracy of one weight set: what every soup and ingredient is measured on."""
+  """Held-out, test and shift accuracy of a weight set: what soups and ingredients are scored on."""
 
   def __init__(self, setup, shift_suite=""):
     self.heldout = setup.heldout
@@ -217,7 +217,7 @@ def cook_uniform(kitchen):
 
 
 def cook_greedy(kitchen, search=greedy.greedy_soup):
-  """The greedy soup; `search` is `greedy.greedy_soup` or a stand-in with its signature (benchmarks)."""
+  """The greedy soup; `search`: `greedy.greedy_soup` or a stand-in with its signature (bench)."""
   setup = kitchen.setup
   params, kept, _, stats = search(
       setup.ingredients, kitchen.heldout_acc(), setup.restore,
@@ -265,7 +265,7 @@ RECIPES = {"uniform": cook_uniform, "greedy": cook_greedy, "learned": cook_learn
 
 
 def _save_weights(soup_dir, recipe, params):
-  """`<recipe>/params.npz` (SSF folded in), then `<recipe>/orbax/`, whose presence marks both complete.
+  """`<recipe>/params.npz` (SSF folded in), then `<recipe>/orbax/`, whose presence marks both done.
 
   orbax renames its directory into place only when whole, so a kill at any
   point leaves either no orbax directory (and both are rewritten) or both files.
@@ -279,7 +279,7 @@ def _save_weights(soup_dir, recipe, params):
 
 
 def cook_wise_ft(kitchen, endpoint_params, endpoint_name):
-  """results.json's `wise_ft`: the pre-trained init interpolated to `endpoint_params` at each alpha."""
+  """results.json's `wise_ft`: the pre-trained init interpolated to `endpoint_params`, per alpha."""
   start = kitchen.setup.pretrained_init()
   points = []
   for alpha in kitchen.options.wise_ft_alphas:
@@ -290,7 +290,7 @@ def cook_wise_ft(kitchen, endpoint_params, endpoint_name):
 
 
 def _wise_ft_endpoint(kitchen, records, cooked):
-  """(weights, name) WiSE-FT ends at: the greedy soup if cooked, else the best ingredient on held-out."""
+  """(weights, name) WiSE-FT ends at: the greedy soup if cooked, else the best on held-out."""
   if "greedy" in records.results["soups"]:
     if "greedy" in cooked:
       return cooked["greedy"], "greedy"

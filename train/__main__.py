@@ -38,7 +38,8 @@ def parse_flags(argv):
     key = re.search(r"'(\w+)", message)
     suggestion = re.search(r'Did you mean "(\w+)"', message)
     key = key.group(1) if key else message
-    culprit = [a.split("=")[0] for a in argv if a.startswith("--config.") and key in a.split("=")[0]]
+    culprit = [a.split("=")[0] for a in argv
+               if a.startswith("--config.") and key in a.split("=")[0]]
     sys.exit(f"FATAL Flags parsing error: {culprit[0] if culprit else key}: the config has no "
              f"key {key!r}" + (f"; did you mean {suggestion.group(1)!r}?" if suggestion else ""))
 

@@ -49,7 +49,8 @@ def _write_error(manager, error):
   steps = _complete_steps(manager)
   return WriteError(
       f"writing a checkpoint to {manager.directory} failed: {describe(error)}. "
-      + (f"The last complete checkpoint is step {steps[-1]}" if steps else "No checkpoint is complete")
+      + (f"The last complete checkpoint is step {steps[-1]}" if steps
+         else "No checkpoint is complete")
       + "; free space and re-run the same command to resume.")
 
 

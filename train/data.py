@@ -156,7 +156,7 @@ class _EpochPermutations:
     self.size, self.seed, self._cache = size, seed, {}
 
   def positions(self, stream_positions):
-    """Positions in the split of the examples at `stream_positions` of the endless shuffled stream."""
+    """Positions in the split of the examples at `stream_positions` of the shuffled stream."""
     epochs, offsets = np.divmod(stream_positions, self.size)
     out = np.empty_like(stream_positions)
     for epoch in np.unique(epochs):
@@ -239,7 +239,8 @@ def train_batches(split, preprocess_fn, global_batch, seed, start_step=0, end_st
     images, labels = split.read(order.positions(stream))
     return images, labels, stream, np.ones(local_batch, bool)
 
-  steps = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max if end_step is None else end_step)
+  steps = tf.data.Dataset.range(
+      start_step, np.iinfo(np.int64).max if end_step is None else end_step)
   return _batches(read, steps, preprocess_fn, local_batch, seed, num_threads, batch_fn)
 
 

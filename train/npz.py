@@ -1,4 +1,4 @@
-"""`.npz` files whose arrays start on 64-byte boundaries, and a reader that maps them, not copies them.
+"""`.npz` files whose arrays start on 64-byte boundaries, and a reader that maps, not copies, them.
 
 Writing: the file is an uncompressed zip of `.npy` members, as `np.savez`
 writes (numpy, big_vision and zip tools read it unchanged; like numpy,

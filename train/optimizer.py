@@ -33,7 +33,8 @@ def make_schedule(lr, schedule, total_steps):
                      f"[0, config.total_steps={total_steps})")
   decay_steps = total_steps - schedule.warmup_steps
   decay = {
-      "cosine": lambda: optax.cosine_decay_schedule(lr, decay_steps, alpha=schedule.end_lr_fraction),
+      "cosine": lambda: optax.cosine_decay_schedule(lr, decay_steps,
+                                                    alpha=schedule.end_lr_fraction),
       "linear": lambda: optax.linear_schedule(lr, lr * schedule.end_lr_fraction, decay_steps),
       "constant": lambda: optax.constant_schedule(lr),
   }[schedule.decay]()

@@ -91,7 +91,7 @@ def flip_lr(key="image"):
 
 
 def randaug(num_layers=2, magnitude=10, key="image"):
-  """RandAugment with `num_layers` ops at `magnitude` (0..10 scale) on a uint8 image; 0 layers: off."""
+  """RandAugment: `num_layers` ops at `magnitude` (0..10) on a uint8 image; 0 layers: off."""
   def op(example, seed):
     return {**example, key: randaugment.randaugment(example[key], num_layers, magnitude, seed)}
   return op

@@ -86,7 +86,7 @@ def is_run(path):
 
 
 def exporting_run(npz_path):
-  """The run that exported `npz_path` (<run>/final/<name>.npz: a config.json two levels up), or None."""
+  """The run that exported `npz_path` as <run>/final/<name>.npz (a run two levels up), or None."""
   run = os.path.dirname(os.path.dirname(os.path.abspath(npz_path)))
   return run if is_run(run) else None
 
@@ -182,7 +182,7 @@ def sha256_of(path):
 
 
 def write_init(workdir, model_init):
-  """Records the file the run starts from, with its hash: the soup step checks ingredients share it."""
+  """Records the file the run starts from, with its hash: soups check that ingredients share it."""
   files.write_json_atomic(os.path.join(workdir, INIT),
                           {"model_init": model_init, "sha256": sha256_of(model_init)})
 

@@ -89,7 +89,7 @@ def tree_shardings(mesh, tree, rules):
 
 
 def abstract_tree(tree, shardings=None):
-  """ShapeDtypeStructs of `tree`'s leaves (arrays, structs, orbax metadata), with `shardings` if given.
+  """ShapeDtypeStructs of `tree`'s leaves (arrays, structs, orbax metadata), with any `shardings`.
 
   With shardings, orbax and `jax.jit` place each array straight into them.
   """
@@ -100,7 +100,7 @@ def abstract_tree(tree, shardings=None):
 
 
 def placed_abstract_tree(mesh, tree, rules):
-  """ShapeDtypeStructs of `tree`'s leaves, each sharded over `mesh` by `rules` (see tree_shardings)."""
+  """ShapeDtypeStructs of `tree`'s leaves, each sharded over `mesh` by `rules` (tree_shardings)."""
   shapes = abstract_tree(tree)
   return abstract_tree(shapes, tree_shardings(mesh, shapes, rules))
 

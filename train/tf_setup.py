@@ -1,4 +1,4 @@
-"""TensorFlow only reads and preprocesses data on the host, so every command keeps it off the GPUs."""
+"""TensorFlow only reads and preprocesses data on the host: every command keeps it off the GPUs."""
 
 import tensorflow as tf
 

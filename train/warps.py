@@ -1,4 +1,4 @@
-"""Geometric warps of uint8 images, shared by RandAugment and the eval shifts so both rotate alike."""
+"""Geometric warps of uint8 images, shared by RandAugment and the eval shifts: both rotate alike."""
 
 import tensorflow as tf
 

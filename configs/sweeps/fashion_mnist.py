@@ -1,6 +1,7 @@
 r"""The embedded default's fine-tuning grid: the paper's knobs on Fashion-MNIST.
 
-  python -m launch --sweep=configs/sweeps/fashion_mnist.py:init=runs/demo/pretrain/final/params.npz \
+  python -m launch \
+      --sweep=configs/sweeps/fashion_mnist.py:init=runs/demo/pretrain/final/params.npz \
       --sweep_dir=runs/demo/sweep
 
 Arguments: init=<pre-trained .npz> (required), regime=lp_ft|naive,
