@@ -11,7 +11,7 @@ FMNIST_DEB := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 FMNIST_TFDS := $(TFDS_DATA_DIR)/fashion_mnist/3.0.1/dataset_info.json
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-fast deps data bench-train clean-demo
+.PHONY: demo test test-fast lint deps data bench-train clean-demo
 
 demo: data
 	$(PY) -m launch.demo --out=runs/demo
@@ -21,11 +21,15 @@ demo: data
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
-test: data
+test: data lint
 	$(PYTEST) tests
 
-test-fast: data
+test-fast: data lint
 	$(PYTEST) tests -m "not slow"
+
+# ruff (pinned in requirements.txt, settings in pyproject.toml): seconds, before any test.
+lint: deps
+	$(VENV)/bin/ruff check .
 
 deps: $(VENV)/.installed $(FMNIST_DEB)
 

@@ -88,6 +88,7 @@ def _shapes(variant):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
+
   from train import trees  # pylint: disable=g-import-not-at-top
   from train import vit  # pylint: disable=g-import-not-at-top
   model = vit.build_model(ml_collections.ConfigDict(dict(
@@ -118,6 +119,7 @@ def _files(path):
 def _write_ingredients(directory, fmt, count, shapes):
   """Writes the missing ones of `count` ingredients, as runs write them."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from train import checkpoint  # pylint: disable=g-import-not-at-top
   from train import pretrained  # pylint: disable=g-import-not-at-top
   from train import sharding  # pylint: disable=g-import-not-at-top
@@ -193,6 +195,7 @@ def _orbax_to_numpy(item):
   """An orbax item, every array whole in host memory (orbax's public API)."""
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   from train import checkpoint  # pylint: disable=g-import-not-at-top
   from train import trees  # pylint: disable=g-import-not-at-top
   meta = checkpoint.item_metadata(item)
@@ -211,6 +214,7 @@ def _stockpot(paths, start_clock):
   (start, seconds the metadata check took).
   """
   import jax  # pylint: disable=g-import-not-at-top
+
   from soups import averaging  # pylint: disable=g-import-not-at-top
   from soups import ingredients as ingredients_lib  # pylint: disable=g-import-not-at-top
   from soups import restore as restore_lib  # pylint: disable=g-import-not-at-top

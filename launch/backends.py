@@ -60,7 +60,7 @@ def run_local(sweep_dir, base, entries, parallel=1, gpus=(), dry_run=False, log=
       running[entry["name"]] = (slot, proc)
       log(f"[launch] started {entry['name']} (pid {proc.pid})")
     time.sleep(0.5)
-    for name, (slot, proc) in list(running.items()):
+    for name, (_, proc) in list(running.items()):
       if proc.poll() is None:
         continue
       del running[name]

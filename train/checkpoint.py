@@ -8,7 +8,6 @@ whole checkpoint.
 """
 
 from etils import epath
-import jax
 import orbax.checkpoint as ocp
 
 from train import run_dir

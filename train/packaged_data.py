@@ -17,7 +17,9 @@ import os
 import shutil
 import tempfile
 
-from absl import app, flags, logging
+from absl import app
+from absl import flags
+from absl import logging
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import checksums as tfds_checksums
 from tensorflow_datasets.core.download import resource as tfds_resource

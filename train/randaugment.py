@@ -184,6 +184,6 @@ def randaugment(image, num_layers, magnitude, seed):
     op_seed = tf.random.experimental.stateless_fold_in(layer_seed, 1)
     shape = image.shape
     image = tf.switch_case(choice, [
-        (lambda fn=fn, img=image: fn(img, level, op_seed)) for fn in OPS.values()])
+        (lambda fn=fn, img=image, op_seed=op_seed: fn(img, level, op_seed)) for fn in OPS.values()])
     image.set_shape(shape)
   return image

@@ -32,8 +32,8 @@ from train import losses
 from train import mixing
 from train import optimizer
 from train import pp_spec
-from train import preprocess
 from train import preemption
+from train import preprocess
 from train import pretrained
 from train import run_dir
 from train import run_log
