@@ -53,7 +53,8 @@ def _kill_at_random_progress(rng, progress, final, module, *args):
   """Starts and SIGKILLs (the whole process group) `KILLS_PER_TARGET` times, each time once
   `progress()` (a count of outputs on disk) reaches a target drawn at random in
   [1, final - 1), plus a random fraction of a second; the targets grow, as each restart
-  resumes. Returns the kills that landed on a live process."""
+  resumes. Returns the kills that landed: those after which the process's exit status
+  says SIGKILL ended it (not one that had already exited by itself)."""
   landed = 0
   targets = sorted(rng.choice(np.arange(1, final - 1), KILLS_PER_TARGET, replace=False))
   for target in targets:
@@ -64,13 +65,11 @@ def _kill_at_random_progress(rng, progress, final, module, *args):
         assert time.monotonic() < deadline, f"no progress to {target} outputs in 300 s"
         time.sleep(0.02)
       time.sleep(rng.uniform(0, 0.3))  # Mid-step, mid-write or mid-log.
-      if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        landed += 1
     finally:  # Also when the deadline passed: nothing is left running.
       with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # A process that exited is a zombie: unchanged.
       proc.wait()
+    landed += proc.returncode == -signal.SIGKILL
   return landed
 
 
@@ -105,6 +104,9 @@ def test_training_killed_at_random_points_ends_bit_identical(reference_train, tm
     time.sleep(rng.uniform(0, 0.5))  # Mid-step, mid-write or mid-log.
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    # The kill landed: SIGKILL ended the run, before it finished.
+    assert proc.returncode == -signal.SIGKILL, (target, proc.returncode, proc.stderr.read()[-2000:])
+    assert not (tmp_path / "results.json").exists(), target
   run_module("train", *args)
   _same_npz_files(reference, str(tmp_path), FINAL_WEIGHTS)
   with open(tmp_path / "results.json") as f, open(os.path.join(reference, "results.json")) as g:
