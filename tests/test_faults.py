@@ -14,7 +14,6 @@ import contextlib
 import glob
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -180,12 +179,14 @@ def test_greedy_soup_killed_at_random_points_ends_bit_identical(reference_sweep,
   reliability.record("SIGKILL of a soup step (uniform, greedy)", landed, survived=landed)
 
 
-def _limit_file_size(max_bytes):
-  """A full disk, as a process sees it: writes past `max_bytes` fail (EFBIG, not a signal)."""
-  def limit():
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
-  return limit
+def _with_file_size_limit(max_bytes, command):
+  """`command` run with a full disk, as a process sees it: writes past `max_bytes` fail.
+
+  util-linux's `prlimit` sets RLIMIT_FSIZE and execs the command (no Python code runs in
+  the forked child, as `preexec_fn` would, under JAX's threads). Python ignores SIGXFSZ
+  itself, so the write fails with EFBIG instead of a signal.
+  """
+  return ["prlimit", f"--fsize={max_bytes}", *command]
 
 
 def _wait_for_checkpoint(proc, workdir, at_least):
@@ -215,9 +216,9 @@ def test_preemption_then_a_full_disk_then_resume_ends_bit_identical(reference_tr
   reliability.record("SIGTERM (preemption) of a training run", 1, survived=1)
 
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-  full = subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600,
-                        preexec_fn=_limit_file_size(30_000))  # A checkpoint's files do not fit.
+  full = subprocess.run(  # A checkpoint's files do not fit.
+      _with_file_size_limit(30_000, [sys.executable, "-m", "train", *args]), cwd=REPO, env=env,
+      capture_output=True, text=True, timeout=600)
   assert full.returncode == 1
   assert f"FATAL writing a checkpoint to {tmp_path}/checkpoints failed" in full.stderr
   assert "File too large" in full.stderr
