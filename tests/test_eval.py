@@ -51,21 +51,36 @@ def test_accuracy_counts_each_example_once_for_any_batch_size(data_dir, tmp_path
   assert sliced["num_examples"] == len(evaluators.tfds_split("test[:100]").split) < 100
 
 
+class _RecordingSource:
+  """A split's data source that records which examples are read through it."""
+
+  def __init__(self, source):
+    self.source, self.read = source, set()
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitems__(self, indices):
+    self.read.update(indices)
+    return self.source.__getitems__(indices)
+
+
 def test_a_small_split_is_read_once_then_served_from_memory(data_dir, tmp_path):
   config = stored_run_config(tmp_path, **{"input.data_dir": data_dir, "input.test_split": "test[:300]"})
   _, evaluators, (params, other) = eval_setup(config, batch_size=64, seeds=(0, 1))
-  unreadable = lambda e: dataclasses.replace(e.split, source=None)  # pylint: disable=g-long-lambda
+  recorded = lambda e: dataclasses.replace(e.split, source=_RecordingSource(e.split.source))
   cached, uncached = evaluators.split("test"), evaluators.split("test")
   uncached.cache_bytes = 0
   first = uncached.evaluate(params)
   cut_short = cached.batch_sums(params)
   next(cut_short)
   cut_short.close()  # A pass cut short (greedy's early abort) still completes the cache.
-  cached.split, uncached.split = unreadable(cached), unreadable(uncached)
+  cached.split, uncached.split = recorded(cached), recorded(uncached)
   assert cached.evaluate(params) == first
   assert cached.evaluate(other)["accuracy"] != first["accuracy"]
-  with pytest.raises(Exception, match="'NoneType' object has no attribute '__getitems__'"):
-    uncached.evaluate(params)  # Reads the split again, through tf.data, which wraps the error.
+  assert not cached.split.source.read  # Served from memory.
+  assert uncached.evaluate(params) == first
+  assert uncached.split.source.read == set(uncached.split.indices.tolist())  # Read again.
 
 
 def test_a_split_too_big_for_the_cache_is_not_read_past_an_early_stop(data_dir, tmp_path,

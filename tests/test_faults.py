@@ -221,7 +221,7 @@ def test_preemption_then_a_full_disk_then_resume_ends_bit_identical(reference_tr
       capture_output=True, text=True, timeout=600)
   assert full.returncode == 1
   assert f"FATAL writing a checkpoint to {tmp_path}/checkpoints failed" in full.stderr
-  assert "File too large" in full.stderr
+  assert "File too large" in full.stderr  # EFBIG, in the OS's words: the cause is kept.
   assert f"The last complete checkpoint is step {stopped}; free space" in full.stderr
   assert not (tmp_path / "results.json").exists()
 
@@ -303,9 +303,10 @@ def test_soup_ingredients_missing_or_corrupt_are_named(finished_short_run, tmp_p
   shutil.copytree(finished_short_run, corrupt)
   _truncate_data_files(corrupt / "checkpoints" / "20" / "ema_low")
   with pytest.raises(ValueError, match=r"ingredient corrupt: cannot read the orbax checkpoint "
-                                       r".*/20/ema_low: .*Error reading .*\.zarray.* is not valid "
-                                       r"for value of size \d+$") as error:
+                                       r"\S*/checkpoints/20/ema_low: \S") as error:
     soup_step.cook(ingredients_lib.from_paths([str(finished_short_run), str(corrupt)], "ema_low"),
                    str(tmp_path / "soup"), soup_step.Options(recipes=("uniform",)))
+  # One line, orbax's cause without tensorstore's spec (pages of JSON): train/checkpoint.describe.
+  assert "\n" not in str(error.value) and "tensorstore_spec" not in str(error.value)
   assert not (tmp_path / "soup" / "uniform").exists(), "no partial soup is left"
   reliability.bad_input("corrupt soup ingredient checkpoint", str(error.value))
