@@ -2,12 +2,12 @@
 
 import gc
 import io
-import json
 import os
 import struct
 import threading
 import weakref
 import zipfile
+import zlib
 
 import jax
 import numpy as np
@@ -17,11 +17,10 @@ from soups import averaging
 from soups import ingredients as ingredients_lib
 from soups import prefetch
 from soups import restore as restore_lib
-from tests.soup_helpers import SHAPES, npz_ingredients, random_tree, soup_abstract
-from train import checkpoint
+from tests.soup_helpers import SHAPES, assert_tree_equal, npz_ingredients, random_tree
+from tests.soup_helpers import save_orbax_run, soup_abstract
 from train import pretrained
 from train import sharding
-from train import trees
 
 
 def _mean_in_order(flat_trees):
@@ -30,13 +29,6 @@ def _mean_in_order(flat_trees):
   for tree in flat_trees[1:]:
     total = {k: total[k] + tree[k] for k in total}
   return {k: v / np.float32(len(flat_trees)) for k, v in total.items()}
-
-
-def _assert_tree_equal(got, expected):
-  got = trees.flatten(sharding.to_host(got))
-  assert sorted(got) == sorted(expected)
-  for key, value in expected.items():
-    np.testing.assert_array_equal(got[key], value, err_msg=key)
 
 
 def _save_npz_with_long_extra_fields(path, tree):
@@ -69,7 +61,7 @@ def test_npz_reader_matches_np_load_for_these_member_layouts(tmp_path):
     ingredients = ingredients_lib.from_paths([str(path)], "params")
     abstract = soup_abstract(ingredients)
     restored = restore_lib.restore(ingredients[0], abstract)
-    _assert_tree_equal(restored, tree)
+    assert_tree_equal(restored, tree)
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(abstract)):
       assert got.sharding == want.sharding and got.dtype == want.dtype
 
@@ -96,44 +88,33 @@ def test_npz_leaves_are_the_mapped_file_until_the_ingredient_is_dropped(tmp_path
   outside = [s.shape for s in shards if s.size and not any(
       lo <= s.unsafe_buffer_pointer() < hi for lo, hi in ranges)]
   assert not outside  # ...each shard in place in the file's mapping.
-  _assert_tree_equal(restored, random_tree(0, shapes))
+  assert_tree_equal(restored, random_tree(0, shapes))
   del restored, shards
   gc.collect()
   assert not _mapped_ranges(ingredient.path)  # Dropped: nothing of the file stays mapped.
-
-
-def _save_orbax_run(run_dir, params, mesh):
-  """A finished run as the trainer leaves it: orbax `params` (replicated), config and results."""
-  manager = checkpoint.make_manager(str(run_dir))
-  checkpoint.save(manager, 1, {"params": jax.device_put(trees.unflatten(params),
-                                                        sharding.replicated(mesh))}, force=True)
-  checkpoint.wait_until_written(manager)
-  manager.close()
-  (run_dir / "config.json").write_text(json.dumps({}))
-  (run_dir / "results.json").write_text(json.dumps({}))
 
 
 def test_orbax_ingredients_average_to_the_numpy_mean_exactly(tmp_path):
   flat_trees = [random_tree(i) for i in range(3)]
   mesh = sharding.make_mesh((("data", -1),))
   for i, tree in enumerate(flat_trees):
-    _save_orbax_run(tmp_path / f"run{i}", tree, mesh)
+    save_orbax_run(tmp_path / f"run{i}", {"params": tree}, mesh)
   ingredients = ingredients_lib.from_paths([str(tmp_path / f"run{i}") for i in range(3)],
                                            "params")
   abstract = soup_abstract(ingredients)
   restored = restore_lib.restore(ingredients[1], abstract)
-  _assert_tree_equal(restored, flat_trees[1])
+  assert_tree_equal(restored, flat_trees[1])
   assert jax.tree.leaves(restored)[0].sharding == jax.tree.leaves(abstract)[0].sharding
   soup = averaging.average(ingredients, lambda i: restore_lib.restore(i, abstract), abstract)
-  _assert_tree_equal(soup, _mean_in_order(flat_trees))
+  assert_tree_equal(soup, _mean_in_order(flat_trees))
 
 
 # orbax leaves tensorstore callbacks behind a failed restore ("Event loop is closed").
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_orbax_ingredient_with_missing_data_is_named(tmp_path):
   mesh = sharding.make_mesh((("data", -1),))
-  _save_orbax_run(tmp_path / "good", random_tree(0), mesh)
-  _save_orbax_run(tmp_path / "broken", random_tree(1), mesh)
+  save_orbax_run(tmp_path / "good", {"params": random_tree(0)}, mesh)
+  save_orbax_run(tmp_path / "broken", {"params": random_tree(1)}, mesh)
   ingredients = ingredients_lib.from_paths([str(tmp_path / "good"), str(tmp_path / "broken")],
                                            "params")
   abstract = soup_abstract(ingredients)  # The metadata is intact...
@@ -250,9 +231,10 @@ def test_a_corrupt_deflated_member_names_the_ingredient(tmp_path):
     f.seek(offset)
     f.write(b"\xff")
   ingredients = ingredients_lib.from_paths([str(path)], "params")
-  with pytest.raises(ValueError, match=r"ingredient .*run0.npz is not a readable .npz file: "
-                     r"Error -3 while decompressing data: invalid block type"):
+  with pytest.raises(ValueError, match=r"ingredient .*run0.npz is not a readable .npz file: ") \
+      as error:
     soup_abstract(ingredients)  # The metadata check reads the member's (compressed) header.
+  assert isinstance(error.value.__cause__, zlib.error)  # Inflating failed, not a CRC check.
 
 
 def test_average_holds_at_most_the_sum_and_two_ingredients(tmp_path, monkeypatch):
@@ -285,7 +267,7 @@ def test_average_holds_at_most_the_sum_and_two_ingredients(tmp_path, monkeypatch
 
   monkeypatch.setattr(averaging.RunningSum, "add", slow_add)
   soup = averaging.average(ingredients, restore, abstract)
-  _assert_tree_equal(soup, _mean_in_order(flat_trees))
+  assert_tree_equal(soup, _mean_in_order(flat_trees))
   # A read starts while at most the running sum and the ingredient being added are alive
   # (the one it reads is the second); a weight scalar or two may be alive too.
   assert max(at_read) <= 2 * leaves + 2, (at_read, leaves)

@@ -9,11 +9,8 @@ import pytest
 
 from soups import report
 from soups import soup_dir as soup_dir_lib
+from tests.eval_helpers import direct_logits, eval_setup, stored_run_config, top1
 from tests.helpers import run_module
-from tests.test_eval import _direct_logits
-from tests.test_eval import _run_config
-from tests.test_eval import _setup
-from tests.test_eval import _top1
 
 
 def _table(text):
@@ -66,8 +63,8 @@ def _cook(evaluators, ingredients, datasets):
 
 
 def test_report_matches_results_and_direct_evaluation(data_dir, tmp_path):
-  config = _run_config(tmp_path, **{"input.data_dir": data_dir})
-  model, evaluators, params = _setup(config, batch_size=256, seeds=(0, 5))
+  config = stored_run_config(tmp_path, **{"input.data_dir": data_dir})
+  model, evaluators, params = eval_setup(config, batch_size=256, seeds=(0, 5))
   ingredients = {f"run{i}": p for i, p in enumerate(params)}
   shifted = evaluators.suite_datasets("fashion_mnist_shifts", "test[:400]")
   datasets = {"heldout": evaluators.run_split("heldout", "train[54000:54400]"),
@@ -89,13 +86,13 @@ def test_report_matches_results_and_direct_evaluation(data_dir, tmp_path):
                 (shift["invert"] + shift["noise"]) / 2]
     assert rows[label] == [f"{100 * x:.2f}" for x in expected], label
   # The ensemble's and the uniform soup's test accuracy, recomputed from logits in numpy.
-  logits = [_direct_logits(model, p, datasets["test"]) for p in params]
+  logits = [direct_logits(model, p, datasets["test"]) for p in params]
   labels = logits[0][1]
   mean_logits = np.mean([l for l, _ in logits], axis=0)
-  assert rows["ensemble (N× cost)"][1] == f"{100 * _top1(mean_logits, labels):.2f}"
+  assert rows["ensemble (N× cost)"][1] == f"{100 * top1(mean_logits, labels):.2f}"
   uniform = _average(params)
-  uniform_logits, _ = _direct_logits(model, uniform, datasets["test"])
-  assert rows["uniform soup"][1] == f"{100 * _top1(uniform_logits, labels):.2f}"
+  uniform_logits, _ = direct_logits(model, uniform, datasets["test"])
+  assert rows["uniform soup"][1] == f"{100 * top1(uniform_logits, labels):.2f}"
   # The greedy search, step by step.
   for i, entry in enumerate(journal, 1):
     assert (f"| {i} | {entry['name']} | {100 * entry['heldout_acc']:.2f} | "

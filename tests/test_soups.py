@@ -13,6 +13,8 @@ import pytest
 from configs import fashion_mnist
 from eval import evaluate as evaluate_lib
 from eval import shifts
+from launch import manifest as manifest_lib
+from launch import sweep as sweep_lib
 from soups import averaging
 from soups import diagnose
 from soups import diagnostics_report
@@ -25,7 +27,9 @@ from soups import restore as restore_lib
 from soups import soup_dir as soup_dir_lib
 from soups import soup_step
 from tests.helpers import run_module
-from tests.soup_helpers import npz_ingredients, random_tree, soup_abstract
+from tests.soup_helpers import assert_tree_equal, npz_ingredients, random_tree, save_orbax_run
+from tests.soup_helpers import soup_abstract
+from train import checkpoint
 from train import pretrained
 from train import sharding
 from train import trainer
@@ -233,18 +237,34 @@ def test_one_and_eight_device_soups_are_equal(finetuned_runs, tmp_path):
         results8["soups"][recipe]["heldout_acc"], abs=1e-3)
 
 
-def test_sweep_ingredients_are_the_finished_runs_of_the_manifest(finetuned_runs, tmp_path):
-  unfinished = tmp_path / "still_running"
-  unfinished.mkdir()
-  runs = [{"name": os.path.basename(r), "workdir": r, "overrides": {}, "status": "done"}
-          for r in finetuned_runs] + [{"name": "still_running", "workdir": str(unfinished),
-                                       "overrides": {}, "status": "running"}]
-  (tmp_path / "manifest.json").write_text(json.dumps({"runs": runs}))
-  ingredients = ingredients_lib.from_sweep(str(tmp_path), "ema_high")
-  assert [i.name for i in ingredients] == [os.path.basename(r) for r in finetuned_runs]
-  assert all(i.path.endswith("/80/ema_high") for i in ingredients)
+def test_sweep_ingredients_are_the_finished_runs_of_the_manifest(tmp_path):
+  """A sweep directory as `python -m launch` and the trainer leave it (their own writers),
+  with small orbax checkpoints: the finished runs, in manifest order, at their last step."""
+  sweep_dir = tmp_path / "sweep"
+  mesh = sharding.make_mesh((("data", -1),))
+  names = ["zeta", "still_running", "alpha"]  # Manifest order, not alphabetical.
+  weights = lambda name, step, item: random_tree(
+      100 * names.index(name) + 10 * step + checkpoint.WEIGHT_NAMES.index(item))
+  for name in names:
+    save_orbax_run(sweep_dir / name,
+                   {item: lambda step, name=name, item=item: weights(name, step, item)
+                    for item in checkpoint.WEIGHT_NAMES},
+                   mesh, steps=(5, 10) if name != "still_running" else (5,),
+                   finished=name != "still_running",
+                   results={"heldout": {"ema_high": {"accuracy": 0.5}}})
+  manifest = manifest_lib.merge(str(sweep_dir), "sweep.py", "base.py",
+                                [sweep_lib.Run(name, {"lr": i}) for i, name in enumerate(names)])
+  manifest_lib.refresh(str(sweep_dir), manifest)  # Writes manifest.json.
+  ingredients = ingredients_lib.from_sweep(str(sweep_dir), "ema_high")
+  assert [i.name for i in ingredients] == ["zeta", "alpha"]
+  abstract = soup_abstract(ingredients, mesh)
+  for ingredient in ingredients:  # Step 10, not 5 (nor "5" > "10" as strings); ema_high.
+    assert ingredient.path == str(sweep_dir / ingredient.name / "checkpoints" / "10" / "ema_high")
+    assert ingredient.run_dir == str(sweep_dir / ingredient.name)
+    assert_tree_equal(restore_lib.restore(ingredient, abstract),
+                      weights(ingredient.name, 10, "ema_high"))
   with pytest.raises(FileNotFoundError, match=r"manifest.json does not exist"):
-    ingredients_lib.from_sweep(str(unfinished), "ema_low")
+    ingredients_lib.from_sweep(str(sweep_dir / "still_running"), "ema_low")
 
 
 @pytest.mark.slow
