@@ -18,12 +18,16 @@ from tensorflow_datasets.datasets.imagenet_sketch import imagenet_sketch_dataset
 from tensorflow_datasets.datasets.imagenet_v2 import imagenet_v2_dataset_builder
 
 from configs import fashion_mnist
-from eval import evaluate as evaluate_lib
 from eval import datasets
+from eval import evaluate as evaluate_lib
 from eval import run_config
 from eval import shifts
 from eval import weights as weights_lib
-from tests.eval_helpers import direct_logits, eval_setup, random_params, stored_run_config, top1
+from tests.eval_helpers import direct_logits
+from tests.eval_helpers import eval_setup
+from tests.eval_helpers import random_params
+from tests.eval_helpers import stored_run_config
+from tests.eval_helpers import top1
 from tests.helpers import run_module
 from train import data
 from train import losses

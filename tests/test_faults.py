@@ -26,7 +26,8 @@ import pytest
 from configs import fashion_mnist
 from soups import ingredients as ingredients_lib
 from soups import soup_step
-from tests.helpers import REPO, run_module
+from tests.helpers import REPO
+from tests.helpers import run_module
 from train import checkpoint
 from train import preemption
 from train import pretrained

@@ -13,7 +13,8 @@ from configs import grid
 from launch import backends
 from launch import manifest as manifest_lib
 from launch import sweep as sweep_lib
-from tests.helpers import REPO, run_module
+from tests.helpers import REPO
+from tests.helpers import run_module
 from train import pretrained
 
 BASE = "configs/fashion_mnist.py:stage=pretrain,runlocal,variant=mu/4"

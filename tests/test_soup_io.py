@@ -17,8 +17,12 @@ from soups import averaging
 from soups import ingredients as ingredients_lib
 from soups import prefetch
 from soups import restore as restore_lib
-from tests.soup_helpers import SHAPES, assert_tree_equal, npz_ingredients, random_tree
-from tests.soup_helpers import save_orbax_run, soup_abstract
+from tests.soup_helpers import assert_tree_equal
+from tests.soup_helpers import npz_ingredients
+from tests.soup_helpers import random_tree
+from tests.soup_helpers import save_orbax_run
+from tests.soup_helpers import SHAPES
+from tests.soup_helpers import soup_abstract
 from train import pretrained
 from train import sharding
 

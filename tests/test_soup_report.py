@@ -9,7 +9,10 @@ import pytest
 
 from soups import report
 from soups import soup_dir as soup_dir_lib
-from tests.eval_helpers import direct_logits, eval_setup, stored_run_config, top1
+from tests.eval_helpers import direct_logits
+from tests.eval_helpers import eval_setup
+from tests.eval_helpers import stored_run_config
+from tests.eval_helpers import top1
 from tests.helpers import run_module
 
 
@@ -31,7 +34,7 @@ def _check_plot(path):
 
 
 # The uniform average of weight sets, one compiled function per number of members.
-_average = jax.jit(lambda members: jax.tree.map(lambda *l: sum(l) / len(l), *members))
+_average = jax.jit(lambda members: jax.tree.map(lambda *leaves: sum(leaves) / len(leaves), *members))
 
 
 def _cook(evaluators, ingredients, datasets):
@@ -88,7 +91,7 @@ def test_report_matches_results_and_direct_evaluation(data_dir, tmp_path):
   # The ensemble's and the uniform soup's test accuracy, recomputed from logits in numpy.
   logits = [direct_logits(model, p, datasets["test"]) for p in params]
   labels = logits[0][1]
-  mean_logits = np.mean([l for l, _ in logits], axis=0)
+  mean_logits = np.mean([member for member, _ in logits], axis=0)
   assert rows["ensemble (N× cost)"][1] == f"{100 * top1(mean_logits, labels):.2f}"
   uniform = _average(params)
   uniform_logits, _ = direct_logits(model, uniform, datasets["test"])

@@ -20,8 +20,8 @@ from train import optimizer
 from train import pretrained
 from train import sharding
 from train import ssf
-from train import trainer
 from train import trainable as trainable_lib
+from train import trainer
 from train import trees
 from train import vit
 
