@@ -21,7 +21,6 @@ from soups import diagnose
 from soups import diagnostics_report
 from soups import greedy
 from soups import ingredients as ingredients_lib
-from soups import learned
 from soups import preflight
 from soups import soup_step
 from tests.helpers import run_module
@@ -205,15 +204,37 @@ def test_greedy_resume_early_abort_and_test_split_independence(cooked, finetuned
 
 
 @pytest.mark.slow
-def test_learned_soup_of_one_ingredient_returns_it(finetuned_runs, tmp_path):
-  ingredients = ingredients_lib.from_paths(finetuned_runs[:1], "ema_low")
-  kitchen = soup_step.SoupKitchen(ingredients, str(tmp_path), soup_step.Options())
-  stacked = learned.stack(ingredients, kitchen.restore, kitchen.abstract)
-  for mode in learned.MODES:
-    params, _, _ = learned.fit(kitchen.model, stacked, mode, kitchen.heldout, kitchen.loss_fn,
-                               epochs=1)
-    jax.tree.map(np.testing.assert_array_equal, sharding.to_host(params),
-                 sharding.to_host(kitchen.restore(ingredients[0])))
+def test_learned_soup_turns_away_from_a_bad_ingredient(finetuned_runs, tmp_path):
+  """Two real runs and a bad one (run 0 with its head's classes rotated: confidently wrong).
+  The fitted coefficients in results.json give the bad one the least weight, below the
+  uniform 1/3, the learned soup's weights are exactly that mix, and it is at least as good
+  on held-out as the uniform soup of the same three."""
+  good = [os.path.join(r, "final", "ema_low.npz") for r in finetuned_runs[:2]]
+  weights = [pretrained.load_npz(path) for path in good]
+  rotated = {**weights[0], "head/kernel": np.roll(weights[0]["head/kernel"], 1, axis=-1),
+             "head/bias": np.roll(weights[0]["head/bias"], 1, axis=-1)}
+  bad = _run_copy(finetuned_runs[0], tmp_path, "rotated_head", rotated)
+  ingredients = ingredients_lib.from_paths(good + [bad], "ema_low")
+  names = [i.name for i in ingredients]
+  soup_dir = tmp_path / "soup"
+  results = soup_step.cook(ingredients, str(soup_dir), soup_step.Options(
+      recipes=("uniform", "learned"), learned_epochs=3))
+  own = {i["name"]: i["heldout_acc"] for i in results["ingredients"]}
+  assert own["rotated_head"] < 0.5 * min(own[n] for n in names[:2])  # It is bad.
+  uniform, soup = results["soups"]["uniform"], results["soups"]["learned"]
+  assert soup["mode"] == "global" and soup["ingredients"] == names
+  coefficients = soup["coefficients"]
+  assert list(coefficients) == names and sum(coefficients.values()) == pytest.approx(1, abs=1e-6)
+  assert coefficients["rotated_head"] < min(coefficients[n] for n in names[:2])
+  assert coefficients["rotated_head"] < 1 / 3 - 0.05, coefficients
+  losses = soup["heldout_loss_per_epoch"]
+  assert len(losses) == 3 and losses[-1] < losses[0]
+  assert soup["heldout_acc"] >= uniform["heldout_acc"], (soup, uniform)
+  mixed = pretrained.load_npz(soup_dir / "learned" / "params.npz")
+  for key in weights[0]:
+    expected = sum(np.float64(coefficients[name]) * tree[key]
+                   for name, tree in zip(names, weights + [rotated]))
+    np.testing.assert_allclose(mixed[key], expected, rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 @pytest.mark.slow
