@@ -32,7 +32,6 @@ def _model(variant="pico/4", num_classes=5, pool_type="gap", use_ssf=True):
   return vit.build_model(config.model, num_classes)
 
 
-@jax.jit
 def _perturbed(params, seed):
   """Every leaf moved off its init (SSF vectors off the identity, the zero head nonzero)."""
   leaves, treedef = jax.tree.flatten(params)
@@ -44,15 +43,13 @@ def _perturbed(params, seed):
 def test_merged_weights_are_a_plain_vit_with_the_same_logits(pool_type):
   images = jax.random.normal(jax.random.key(1), (4, 28, 28, 1))
   ssf_model, plain_model = _model(pool_type=pool_type), _model(pool_type=pool_type, use_ssf=False)
-  params = _perturbed(jax.jit(ssf_model.init)(jax.random.key(0), images)["params"], seed=2)
+  params = _perturbed(ssf_model.init(jax.random.key(0), images)["params"], seed=2)
   merged = ssf.merge(params)
   plain_shapes = jax.eval_shape(lambda: plain_model.init(jax.random.key(0), images)["params"])
   assert jax.tree.map(lambda a: a.shape, merged) == jax.tree.map(lambda a: a.shape, plain_shapes)
   assert not ssf.has_ssf(merged) and ssf.has_ssf(params)
-  # Compiled, not op by op: the same arithmetic, one compile instead of hundreds.
-  np.testing.assert_allclose(jax.jit(plain_model.apply)({"params": merged}, images),
-                             jax.jit(ssf_model.apply)({"params": params}, images),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(plain_model.apply({"params": merged}, images),
+                             ssf_model.apply({"params": params}, images), rtol=1e-5, atol=1e-5)
 
 
 def test_trainable_parameters_of_vit_b16_are_the_papers_count():
@@ -79,15 +76,12 @@ def test_frozen_backbone_gets_exactly_zero_updates(overrides):
                                      "total_steps": 10, **overrides})
   model = _model("mu/4")
   images = jax.random.normal(jax.random.key(1), (2, 28, 28, 1))
-  params = _perturbed(jax.jit(model.init)(jax.random.key(0), images)["params"], seed=3)
+  params = _perturbed(model.init(jax.random.key(0), images)["params"], seed=3)
   tx, _ = optimizer.make_optimizer(config)
   grad_fn = lambda p, _: jax.grad(lambda q: jnp.sum(model.apply({"params": q}, images) ** 2))(p)
   state = tx.init(params)
-  # One compiled step (as the trainer runs it), not op by op.
-  update = jax.jit(lambda params, state: tx.update(grad_fn(params, 0), state, params,
-                                                   grad_fn=grad_fn))
   for _ in range(3):  # SAM alternates ascent and descent steps.
-    updates, state = update(params, state)
+    updates, state = tx.update(grad_fn(params, 0), state, params, grad_fn=grad_fn)
     params = jax.tree.map(lambda p, u: p + u, params, updates)
     flat = trees.flatten(updates)
     mask = trees.flatten(ssf.trainable_mask(updates))
