@@ -41,7 +41,8 @@ def describe(error):
 
 
 def _complete_steps(manager):
-  return sorted(int(p.name) for p in epath.Path(manager.directory).iterdir() if p.name.isdigit())
+  """The complete checkpoints' steps of a `make_manager` manager (its directory is the run's)."""
+  return run_dir.checkpoint_steps(epath.Path(manager.directory).parent)
 
 
 def _write_error(manager, error):

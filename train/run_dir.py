@@ -146,30 +146,34 @@ def logged_metric(workdir, key):
   return [v for v in values if v is not None]
 
 
+def _marker(workdir, marker):
+  return os.path.join(workdir, marker)
+
+
 def mark_running(workdir, pid):
   """Records the pid of the process training the run; clears an earlier failure."""
-  clear_marker(workdir, FAILED)
-  files.write_bytes_atomic(os.path.join(workdir, RUNNING), str(pid).encode())
+  _clear_marker(workdir, FAILED)
+  files.write_bytes_atomic(_marker(workdir, RUNNING), str(pid).encode())
 
 
 def mark_ended(workdir, returncode):
   """The run's process has ended: no longer running; failed when `returncode` is not 0."""
-  clear_marker(workdir, RUNNING)
+  _clear_marker(workdir, RUNNING)
   if returncode:
-    files.write_bytes_atomic(os.path.join(workdir, FAILED), str(returncode).encode())
+    files.write_bytes_atomic(_marker(workdir, FAILED), str(returncode).encode())
 
 
-def clear_marker(workdir, marker):
-  if os.path.exists(os.path.join(workdir, marker)):
-    os.remove(os.path.join(workdir, marker))
+def _clear_marker(workdir, marker):
+  if os.path.exists(_marker(workdir, marker)):
+    os.remove(_marker(workdir, marker))
 
 
 def has_failed(workdir):
-  return os.path.exists(os.path.join(workdir, FAILED))
+  return os.path.exists(_marker(workdir, FAILED))
 
 
 def running_pid_file(workdir):
-  return os.path.join(workdir, RUNNING)
+  return _marker(workdir, RUNNING)
 
 
 def sha256_of(path):
