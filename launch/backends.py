@@ -50,21 +50,20 @@ def run_local(sweep_dir, base, entries, parallel=1, gpus=(), dry_run=False, log=
   while queue or running:
     while queue and len(running) < parallel:
       entry = queue.pop(0)
-      slot = next(i for i in range(parallel) if i not in {s for s, _ in running.values()})
+      slot = next(i for i in range(parallel) if i not in {s for s, _, _ in running.values()})
       workdir = os.path.join(sweep_dir, entry["workdir"])
       os.makedirs(workdir, exist_ok=True)
       with open(run_dir.train_log_path(workdir), "ab") as out:
         proc = subprocess.Popen(commands[entry["name"]], stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, **slots[slot]})
       run_dir.mark_running(workdir, proc.pid)  # A retry clears the old failure.
-      running[entry["name"]] = (slot, proc)
+      running[entry["name"]] = (slot, proc, workdir)
       log(f"[launch] started {entry['name']} (pid {proc.pid})")
     time.sleep(0.5)
-    for name, (_, proc) in list(running.items()):
+    for name, (_, proc, workdir) in list(running.items()):
       if proc.poll() is None:
         continue
       del running[name]
-      workdir = os.path.join(sweep_dir, name)
       run_dir.mark_ended(workdir, proc.returncode)
       if proc.returncode:
         failed.append(name)
