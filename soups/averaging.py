@@ -19,8 +19,8 @@ from soups import prefetch
 from train import sharding
 
 
-def _zeros(leaf):
-  """float32 zeros in `leaf`'s sharding, each of this process's shards made on the host.
+def _zeros(leaf, dtype=np.float32):
+  """Zeros of `dtype` in `leaf`'s sharding, each of this process's shards made on the host.
 
   No compile (a jitted zeros costs as much to compile as the add). On CPU the
   shards alias numpy's untouched zero pages instead of copying them (0.1 s
@@ -29,7 +29,12 @@ def _zeros(leaf):
   """
   shard_shape = leaf.sharding.shard_shape(leaf.shape)
   return jax.make_array_from_callback(leaf.shape, leaf.sharding,
-                                      lambda index: np.zeros(shard_shape, np.float32))
+                                      lambda index: np.zeros(shard_shape, dtype))
+
+
+def zeros(abstract, dtype=np.float32):
+  """Zeros of `dtype` for each leaf of `abstract` (sharded ShapeDtypeStructs), sharded like it."""
+  return jax.tree.map(lambda leaf: _zeros(leaf, dtype), abstract)
 
 
 def _add(total, tree, weight):
@@ -74,7 +79,7 @@ class RunningSum:
 
   def __init__(self, abstract):
     leaves, treedef = jax.tree.flatten(abstract)
-    self.total = jax.tree.map(_zeros, abstract)
+    self.total = zeros(abstract)
     self.weight = 0.0
     self._compiling = None
     self._add, self._mean, self._mean_with = _steps(
@@ -142,6 +147,21 @@ def average(ingredients, restore, abstract, weights=None, ahead=1):
     finally:
       running.finish_compiles()  # Not left compiling while a failed read's error exits.
   return running.mean()
+
+
+def fold(ingredients, restore, step, state, ahead=1):
+  """`state = step(state, index, tree)` for each ingredient in order, streamed like `average`.
+
+  The next `ahead` ingredients are read on a background thread while `step`
+  runs; a step has finished, and its ingredient is dropped, before a further
+  read starts. With `step` donating `state`, memory is `state` and `ahead` + 1
+  ingredients, whatever the number of ingredients.
+  """
+  with prefetch.Prefetcher(ingredients, restore, ahead) as stream:
+    for index in range(len(ingredients)):
+      state = step(state, index, next(stream)[1])  # As in `average`: no reference outlives it.
+      jax.block_until_ready(state)
+  return state
 
 
 @jax.jit
