@@ -55,6 +55,7 @@ from launch import manifest as manifest_lib
 from soups import averaging
 from soups import greedy
 from soups import ingredients as ingredients_lib
+from soups import recipes as recipes_lib
 from soups import soup_dir as soup_dir_lib
 from soups import soup_step
 from train import checkpoint
@@ -172,8 +173,9 @@ def cook_once(ingredients, soup_dir, seed_files, early_abort, probe):
                               eval_batch_size=_EVAL_BATCH.value)
   probe.last = None
   start = time.perf_counter()
-  recipes = {**soup_step.RECIPES, "greedy": functools.partial(soup_step.cook_greedy, search=probe)}
-  results = soup_step.cook(ingredients, soup_dir, options, recipes)
+  timed = {**recipes_lib.RECIPES,
+           "greedy": functools.partial(recipes_lib.cook_greedy, search=probe)}
+  results = soup_step.cook(ingredients, soup_dir, options, timed)
   cook_seconds = time.perf_counter() - start
   if probe.last is None or _seed_state(soup_dir) != seeded:
     sys.exit(f"greedy_cost: cook in {soup_dir} did not run the search on the pre-seeded "

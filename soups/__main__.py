@@ -3,6 +3,7 @@ r"""Cooks soups from the runs of a sweep or from explicit checkpoints.
   python -m soups --sweep_dir=runs/sweep --weights=ema_low \
       --recipes=uniform,greedy,learned,ensemble,wise_ft --soup_dir=runs/sweep/soups/ema_low
   python -m soups --ingredients=runs/a,runs/b/final/ema_low.npz --soup_dir=/tmp/soup
+  python -m soups --sweep_dir=runs/sweep --recipes=all  # Every recipe (docs/soups.md).
 """
 
 from absl import app
@@ -10,21 +11,51 @@ from absl import flags
 from absl import logging
 
 from soups import cli
+from soups import learned
+from soups import recipes
 from soups import soup_step
 from train import startup
 from train import tf_setup
 
-_RECIPES = flags.DEFINE_list("recipes", list(soup_step.Options().recipes),
-                             f"Recipes to cook, of {[*soup_step.RECIPES, soup_step.WISE_FT]}.")
+_DEFAULTS = soup_step.Options()
+_ALL = [*recipes.RECIPES, soup_step.WISE_FT]
+_RECIPES = flags.DEFINE_list("recipes", list(_DEFAULTS.recipes),
+                             f"Recipes to cook, of {_ALL}, or 'all'.")
 _SHIFT_SUITE = flags.DEFINE_string("shift_suite", "",
                                    "A distribution-shift suite of eval/ to report.")
 _EARLY_ABORT = flags.DEFINE_bool("greedy_early_abort", True,
                                  "Stop evaluating a greedy candidate once it cannot be kept.")
-_LEARNED_MODE = flags.DEFINE_enum("learned_mode", "global", ("global", "per_layer"),
+_LEARNED_MODE = flags.DEFINE_enum("learned_mode", "global", learned.MODES,
                                   "One mixing coefficient per ingredient, or per tensor.")
-_LEARNED_EPOCHS = flags.DEFINE_integer("learned_epochs", 5, "Epochs over the held-out split.")
+_LEARNED_EPOCHS = flags.DEFINE_integer("learned_epochs", _DEFAULTS.learned_epochs,
+                                       "Epochs over the held-out split.")
+_LEARNED_BLOCK_SIZE = flags.DEFINE_integer(
+    "learned_block_size", _DEFAULTS.learned_block_size,
+    "learned_blocks: ingredients on the mesh at a time (memory flat in N).")
+_SEED = flags.DEFINE_integer("seed", _DEFAULTS.seed, "learned_blocks' block order, DARE's masks.")
+_FISHER_FLOOR = flags.DEFINE_float("fisher_floor", _DEFAULTS.fisher_floor,
+                                   "fisher: added to every Fisher entry.")
+_FISHER_EXAMPLES = flags.DEFINE_integer(
+    "fisher_examples_per_step", _DEFAULTS.fisher_examples_per_step,
+    "fisher: per-example gradients held at once (bounds memory).")
+_REGMEAN_ALPHA = flags.DEFINE_float("regmean_alpha", _DEFAULTS.regmean_alpha,
+                                    "regmean: weight of the Gram matrices' off-diagonal.")
 _WISE_FT_ALPHAS = flags.DEFINE_list("wise_ft_alphas", ["0", "0.25", "0.5", "0.75", "1"],
                                     "Points from the pre-trained init (0) to the soup (1).")
+
+
+def _grid(name, help_text):
+  return flags.DEFINE_list(name, [f"{x:g}" for x in getattr(_DEFAULTS, name)],
+                           f"{help_text} (a grid, chosen on held-out).")
+
+
+_GRIDS = [
+    _grid("task_arithmetic_lambdas", "task_arithmetic: λ scaling the sum of the updates"),
+    _grid("ties_densities", "ties: the fraction of each update's entries kept"),
+    _grid("ties_lambdas", "ties: λ scaling the disjoint mean of the updates"),
+    _grid("dare_drop_rates", "dare: the probability of dropping an update's entry"),
+    _grid("dare_lambdas", "dare: λ scaling the sum of the rescaled updates"),
+]
 
 
 def main(argv):
@@ -33,10 +64,14 @@ def main(argv):
   startup.init()
   ingredients, soup_dir = cli.ingredients_and_soup_dir()
   options = soup_step.Options(
-      recipes=tuple(_RECIPES.value), greedy_early_abort=_EARLY_ABORT.value,
-      learned_mode=_LEARNED_MODE.value, learned_epochs=_LEARNED_EPOCHS.value,
+      recipes=tuple(_ALL if _RECIPES.value == ["all"] else _RECIPES.value),
+      greedy_early_abort=_EARLY_ABORT.value, learned_mode=_LEARNED_MODE.value,
+      learned_epochs=_LEARNED_EPOCHS.value, learned_block_size=_LEARNED_BLOCK_SIZE.value,
+      seed=_SEED.value, fisher_floor=_FISHER_FLOOR.value,
+      fisher_examples_per_step=_FISHER_EXAMPLES.value, regmean_alpha=_REGMEAN_ALPHA.value,
       wise_ft_alphas=tuple(float(a) for a in _WISE_FT_ALPHAS.value),
-      shift_suite=_SHIFT_SUITE.value)
+      shift_suite=_SHIFT_SUITE.value,
+      **{grid.name: tuple(float(x) for x in grid.value) for grid in _GRIDS})
   logging.info("Cooking %d ingredients into %s", len(ingredients), soup_dir)
   results = soup_step.cook(ingredients, soup_dir, options)
   for name, soup in results["soups"].items():

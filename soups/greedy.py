@@ -63,7 +63,7 @@ def candidate_order(ingredients, heldout_acc):
 
 
 def greedy_soup(ingredients, heldout_acc, restore, running_sum, evaluator, journal_path,
-                early_abort=True, write=True):
+                early_abort=True, write=True, on_decision=None):
   """Runs (or resumes) the greedy search.
 
   Args:
@@ -75,6 +75,7 @@ def greedy_soup(ingredients, heldout_acc, restore, running_sum, evaluator, journ
     journal_path: where decisions are recorded (and replayed from).
     early_abort: stop evaluating a candidate once it provably cannot be kept.
     write: False on processes other than 0.
+    on_decision: called with each journal entry as it is taken or replayed (progress).
 
   Returns:
     (soup params, names kept in the order added, soup held-out accuracy,
@@ -82,6 +83,7 @@ def greedy_soup(ingredients, heldout_acc, restore, running_sum, evaluator, journ
   """
   order = candidate_order(ingredients, heldout_acc)
   journal = Journal(journal_path, [i.name for i in order], write)
+  on_decision = on_decision or (lambda entry: None)
   total_examples = len(evaluator.split)
   num_batches = evaluator.num_batches()
   kept, best_correct = [], None
@@ -96,6 +98,7 @@ def greedy_soup(ingredients, heldout_acc, restore, running_sum, evaluator, journ
         running_sum.add(restore(ingredient))
         kept.append(ingredient.name)
         best_correct = entry["soup_heldout_correct"]
+      on_decision(entry)
       continue
     own = heldout_acc[ingredient.name]
     weights = restore(ingredient)
@@ -106,6 +109,7 @@ def greedy_soup(ingredients, heldout_acc, restore, running_sum, evaluator, journ
       journal.append({"name": ingredient.name, "heldout_acc": own, "soup_heldout_acc": own,
                       "soup_heldout_correct": best_correct, "decision": "add",
                       "soup_size": 1, "batches_evaluated": 0})
+      on_decision(journal.entries[-1])
       continue
     candidate = running_sum.mean_with(weights)
     correct, seen, batches, aborted = count_correct(
@@ -127,4 +131,5 @@ def greedy_soup(ingredients, heldout_acc, restore, running_sum, evaluator, journ
                                     if aborted else None,
         "decision": "add" if keep else "skip", "soup_size": len(kept),
         "batches_evaluated": batches})
+    on_decision(journal.entries[-1])
   return running_sum.mean(), kept, best_correct / total_examples, stats

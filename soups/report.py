@@ -23,9 +23,14 @@ from soups import diagnostics_report  # pylint: disable=g-import-not-at-top
 from soups import soup_dir as soup_dir_lib  # pylint: disable=g-import-not-at-top
 from train import files  # pylint: disable=g-import-not-at-top
 
-SOUP_ORDER = ("uniform", "greedy", "learned", "ensemble")
+# The order soups are listed in (results.json keeps its keys sorted): the paper's recipes
+# first, then the later ones; soups/recipes.py's RECIPES, in its order.
+SOUP_ORDER = ("uniform", "greedy", "learned", "learned_blocks", "ensemble", "greedy_ensemble",
+              "model_stock", "model_stock_best2", "task_arithmetic", "ties", "dare", "fisher",
+              "regmean")
 SOUP_STYLE = {"uniform": ("s", "tab:blue"), "greedy": ("*", "tab:red"),
               "learned": ("D", "tab:green"), "ensemble": ("P", "tab:purple")}
+OTHER_MARKERS = "^vhXp<>8d"  # Every other recipe, in the order cooked.
 PLOTS = ("heldout_vs_test.png", "shift_vs_test.png", "greedy_progress.png")
 
 
@@ -38,12 +43,40 @@ def _pct(value):
   return "–" if value is None else f"{100 * value:.2f}"
 
 
+def inference_cost(name, soup):
+  """Forward passes per image at inference: 1 for a soup, one per member for an ensemble."""
+  return soup.get("inference_forward_passes",
+                  len(soup["ingredients"]) if name == "ensemble" else 1)
+
+
+def soup_label(name, soup):
+  cost = inference_cost(name, soup)
+  return f"{name} soup" if cost == 1 else f"{name} ({cost}× cost)"
+
+
+def _soups(results):
+  """(name, result) of every soup, in `SOUP_ORDER` (others, a bench's say, after)."""
+  rank = {name: i for i, name in enumerate(SOUP_ORDER)}
+  return sorted(results["soups"].items(), key=lambda item: (rank.get(item[0], len(rank)), item[0]))
+
+
 def _rows(results):
   """(table label, result) of every ingredient, then of every soup."""
   rows = [(i["name"], i) for i in results["ingredients"]]
-  rows += [(f"**{name} soup**" if name != "ensemble" else "**ensemble (N× cost)**",
-            results["soups"][name]) for name in SOUP_ORDER if name in results["soups"]]
+  rows += [(f"**{soup_label(name, soup)}**", soup) for name, soup in _soups(results)]
   return rows
+
+
+def _cost_lines(results):
+  """What each recipe cost: its ingredients, inference passes, checkpoint reads, held-out passes."""
+  lines = ["", "## What each recipe cost", "",
+           "| recipe | ingredients used | inference (forward passes) | checkpoint reads | "
+           "held-out passes |", "|---|---|---|---|---|"]
+  for name, soup in _soups(results):
+    cells = [name, str(len(soup["ingredients"])), str(inference_cost(name, soup)),
+             str(soup.get("checkpoint_reads", "–")), str(soup.get("heldout_passes", "–"))]
+    lines.append("| " + " | ".join(cells) + " |")
+  return lines
 
 
 def _warning_lines(results):
@@ -74,6 +107,7 @@ def markdown(results, journal, sections=()):
     lines.append(f"Greedy soup: {len(greedy['ingredients'])} ingredients "
                  f"({', '.join(greedy['ingredients'])}); test "
                  f"{100 * (greedy['test_acc'] - best['test_acc']):+.2f} points vs the best run.")
+  lines += _cost_lines(results) if results["soups"] else []
   if journal:
     lines += ["", "## Greedy search", "",
               "| # | candidate | its held-out % | soup with it % | decision |",
@@ -106,12 +140,12 @@ def _scatter(results, y_of, ylabel, title, path):
                  if y_of(i) is not None]
   if ingredients:
     ax.scatter(*zip(*ingredients), c="tab:gray", alpha=0.7, label="fine-tuned runs")
-  for name in SOUP_ORDER:
-    soup = results["soups"].get(name)
-    if soup is not None and y_of(soup) is not None:
-      marker, color = SOUP_STYLE[name]
+  others = iter(OTHER_MARKERS * 2)
+  for name, soup in _soups(results):
+    if y_of(soup) is not None:
+      marker, color = SOUP_STYLE.get(name) or (next(others), None)
       ax.scatter(100 * soup["test_acc"], 100 * y_of(soup), marker=marker, s=140, c=color,
-                 edgecolors="black", label=f"{name} soup" if name != "ensemble" else "ensemble",
+                 edgecolors="black", label=soup_label(name, soup),
                  zorder=4 if name == "greedy" else 3)  # The greedy soup stays visible on top.
   ax.set_xlabel("test accuracy (%)")
   ax.set_ylabel(ylabel)

@@ -2,6 +2,8 @@
 
   <soup_dir>/evaluations.json      every ingredient's held-out, test and shift accuracy
   <soup_dir>/ensemble_logits.npz   the ingredients' summed logits per dataset (eval/ensemble.py)
+  <soup_dir>/heldout_logits/<ingredient>.npy
+                                   each ingredient's held-out logits (the greedy ensemble's)
   <soup_dir>/greedy_journal.jsonl  one line per greedy candidate (soups/greedy.py)
   <soup_dir>/<recipe>/params.npz   each soup's weights, big_vision layout
   <soup_dir>/<recipe>/orbax/       the same, as an orbax checkpoint (sharded restore)
@@ -17,9 +19,11 @@
 Accuracies are fractions in [0, 1]. Every record is replaced atomically.
 """
 
+import io
 import json
 import os
 
+import numpy as np
 import orbax.checkpoint as ocp
 
 from train import files
@@ -29,6 +33,7 @@ EVALUATIONS = "evaluations.json"
 JOURNAL = "greedy_journal.jsonl"
 ENSEMBLE_LOGITS = "ensemble_logits.npz"
 REPORT = "report.md"
+HELDOUT_LOGITS = "heldout_logits"
 
 
 def path(soup_dir, name):
@@ -134,3 +139,20 @@ def save_orbax(soup_dir, recipe, params):
 def restore_orbax(soup_dir, recipe, abstract):
   """A soup's weights from its orbax checkpoint, in the shardings of `abstract`."""
   return ocp.StandardCheckpointer().restore(weights_orbax(soup_dir, recipe), abstract)
+
+
+def _heldout_logits_path(soup_dir, ingredient_name):
+  return os.path.join(soup_dir, HELDOUT_LOGITS, f"{ingredient_name}.npy")
+
+
+def save_heldout_logits(soup_dir, ingredient_name, logits):
+  """One ingredient's held-out logits [examples, scored classes], atomically."""
+  buffer = io.BytesIO()
+  np.save(buffer, np.asarray(logits), allow_pickle=False)
+  files.write_bytes_atomic(_heldout_logits_path(soup_dir, ingredient_name), buffer.getvalue())
+
+
+def load_heldout_logits(soup_dir, ingredient_name):
+  """An ingredient's saved held-out logits, or None when the soup step has not saved them."""
+  path_ = _heldout_logits_path(soup_dir, ingredient_name)
+  return np.load(path_, allow_pickle=False) if os.path.exists(path_) else None

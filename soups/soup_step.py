@@ -6,34 +6,36 @@ command is re-run, so an interrupted soup step resumes where it stopped.
 Ranking and selection use the held-out split only; test and shift accuracy
 are measured after the choice.
 
-A recipe is a function `recipe(kitchen) -> Soup` in `RECIPES`: it reads
-the `Kitchen` (the ingredients, their evaluations and summed logits, the
-evaluators, the options) and returns its soup; `cook` saves the weights,
-measures them and records them. WiSE-FT is a curve, not a soup: it runs
+A recipe is a function `recipe(kitchen) -> Soup` in `recipes.RECIPES`
+(soups/recipes.py): it reads the `Kitchen` (the ingredients, their
+evaluations and logits, the evaluators, the options) and returns its soup;
+`cook` saves the weights, measures them and records them. WiSE-FT is a curve, not a soup: it runs
 after the soups, from the greedy soup (or the best ingredient).
 """
 
 import dataclasses
 import os
-from typing import Any
+import time
 
-from absl import logging
 import jax
 import numpy as np
 
 from eval import ensemble
 from eval import evaluators as eval_lib
 from soups import averaging
-from soups import greedy
+from soups import fisher
 from soups import ingredients as ingredients_lib
-from soups import learned
 from soups import preflight
+from soups import recipes as recipes_lib
+from soups import regmean
 from soups import report
 from soups import restore as restore_lib
 from soups import soup_dir as soup_dir_lib
 from train import accuracy
+from train import durations
 from train import losses
 from train import pretrained
+from train import run_log
 from train import sharding
 from train import ssf
 from train import vit
@@ -137,6 +139,17 @@ class Options:
   learned_mode: str = "global"
   learned_epochs: int = 5
   learned_lr: float = 0.1
+  learned_block_size: int = 4  # learned_blocks: ingredients on the mesh at a time.
+  seed: int = 0  # learned_blocks' block order; DARE's masks.
+  # Grids searched on held-out; λ scales the sum of the updates (TIES: their disjoint mean).
+  task_arithmetic_lambdas: tuple = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+  ties_densities: tuple = (0.1, 0.2, 0.5)
+  ties_lambdas: tuple = (0.5, 1.0, 1.5)
+  dare_drop_rates: tuple = (0.5, 0.9)
+  dare_lambdas: tuple = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+  fisher_floor: float = fisher.DEFAULT_FISHER_FLOOR
+  fisher_examples_per_step: int = fisher.DEFAULT_EXAMPLES_PER_STEP
+  regmean_alpha: float = regmean.DEFAULT_ALPHA
   wise_ft_alphas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
   eval_batch_size: int = 0  # 0: the runs' config.eval_batch_size.
   shift_suite: str = ""  # A suite of eval/shifts.py, e.g. 'fashion_mnist_shifts'.
@@ -160,29 +173,19 @@ class Kitchen:
     return {name: e["heldout_acc"] for name, e in self.evaluations.items()}
 
 
-@dataclasses.dataclass
-class Soup:
-  """A recipe's result: its ingredients, its weights (None for the ensemble) and its own record.
-
-  `scores`, when set, are the soup's accuracies known without evaluating
-  weights (the ensemble's, from its logit sums).
-  """
-  ingredients: list
-  params: Any = None
-  scores: dict = None
-  record: dict = dataclasses.field(default_factory=dict)
-
-
 def _evaluate_ingredients(setup, scorer, records, logit_sums):
   """Evaluates each ingredient once (resumed from `records`), adding its logits to `logit_sums`."""
+  progress = run_log.CountProgress("soups", "evaluating ingredient", len(setup.ingredients))
   for ingredient in setup.ingredients:
     name = ingredient.name
     if name in records.evaluations and name in logit_sums.members:
+      progress.advance(f"{name}: evaluated before")
       continue
-    logging.info("Evaluating ingredient %s", name)
     params = setup.restore(ingredient)
     predictions = {key: ev.predictions(params) for key, ev in scorer.datasets().items()}
     acc = {key: accuracy.accuracy_from_logits(*p) for key, p in predictions.items()}
+    if jax.process_index() == 0:  # For the greedy ensemble.
+      soup_dir_lib.save_heldout_logits(records.soup_dir, name, predictions["heldout"][0])
     if name not in logit_sums.members:  # A kill between the two saves must not count it twice.
       logit_sums.add(name, predictions)
       if jax.process_index() == 0:
@@ -191,6 +194,7 @@ def _evaluate_ingredients(setup, scorer, records, logit_sums):
         "heldout_acc": acc["heldout"], "test_acc": acc["test"],
         "shift_acc": {k.partition("/")[2]: v for k, v in acc.items() if k.startswith("shift/")}}
     records.save()
+    progress.advance(f"{name}: held-out {acc['heldout']:.2%}, test {acc['test']:.2%}")
   records.results["ingredients"] = [
       {"name": i.name, **records.evaluations[i.name]} for i in setup.ingredients]
   records.save()
@@ -208,60 +212,6 @@ def prepare(ingredients, soup_dir, options):
   logit_sums = ensemble.LogitSums(soup_dir_lib.path(soup_dir, soup_dir_lib.ENSEMBLE_LOGITS))
   _evaluate_ingredients(setup, scorer, records, logit_sums)
   return Kitchen(setup, scorer, dict(records.evaluations), logit_sums, options, soup_dir), records
-
-
-def cook_uniform(kitchen):
-  setup = kitchen.setup
-  params = averaging.average(setup.ingredients, setup.restore, setup.abstract)
-  return Soup([i.name for i in setup.ingredients], params)
-
-
-def cook_greedy(kitchen, search=greedy.greedy_soup):
-  """The greedy soup; `search`: `greedy.greedy_soup` or a stand-in with its signature (bench)."""
-  setup = kitchen.setup
-  params, kept, _, stats = search(
-      setup.ingredients, kitchen.heldout_acc(), setup.restore,
-      averaging.RunningSum(setup.abstract), setup.heldout,
-      soup_dir_lib.path(kitchen.soup_dir, soup_dir_lib.JOURNAL),
-      early_abort=kitchen.options.greedy_early_abort, write=jax.process_index() == 0)
-  stats["batches_saved_by_early_abort"] = (stats["batches_full_evaluation"]
-                                           - stats["batches_evaluated"])
-  return Soup(kept, params, record={"search": stats})
-
-
-def cook_learned(kitchen):
-  setup, options = kitchen.setup, kitchen.options
-  names = [i.name for i in setup.ingredients]
-  stacked = learned.stack(setup.ingredients, setup.restore, setup.abstract)
-  params, logits, epoch_losses = learned.fit(
-      setup.model, stacked, options.learned_mode, setup.heldout, setup.loss_fn,
-      epochs=options.learned_epochs, learning_rate=options.learned_lr)
-  del stacked
-  weights = learned.mixing_weights(logits)
-  if options.learned_mode == "global":
-    coefficients = dict(zip(names, map(float, weights)))
-  else:  # Per layer: the mean over tensors of each ingredient's coefficient.
-    mean = np.mean(np.stack(jax.tree.leaves(weights)), axis=0)
-    coefficients = dict(zip(names, map(float, mean)))
-  return Soup(names, params, record={"mode": options.learned_mode, "coefficients": coefficients,
-                                     "heldout_loss_per_epoch": epoch_losses})
-
-
-def cook_ensemble(kitchen):
-  """Scores the summed logits the ingredient evaluation gathered: no extra forward pass."""
-  sums = kitchen.logit_sums
-  names = [i.name for i in kitchen.ingredients]
-  if sorted(sums.members) != sorted(names):
-    raise ValueError(f"{sums.path} sums {sums.members}, not this soup's ingredients {names}: "
-                     "use a new --soup_dir")
-  return Soup(names, scores={
-      "heldout_acc": sums.accuracy("heldout"), "test_acc": sums.accuracy("test"),
-      "shift_acc": {name: sums.accuracy(f"shift/{name}") for name in kitchen.scorer.shifts}})
-
-
-# The soups `cook` knows, in the order they are listed; each `recipe(kitchen) -> Soup`.
-RECIPES = {"uniform": cook_uniform, "greedy": cook_greedy, "learned": cook_learned,
-           "ensemble": cook_ensemble}
 
 
 def _save_weights(soup_dir, recipe, params):
@@ -300,33 +250,48 @@ def _wise_ft_endpoint(kitchen, records, cooked):
   return kitchen.setup.restore(next(i for i in kitchen.ingredients if i.name == best)), best
 
 
+def _say(line):
+  """A progress line on the console, from process 0 only."""
+  if jax.process_index() == 0:
+    print(line, flush=True)
+
+
 def cook(ingredients, soup_dir, options=None, recipes=None):
   """Cooks every recipe in `options.recipes` (resuming); returns results.json's content.
 
-  `recipes`: {name: recipe(kitchen) -> Soup}, default `RECIPES`.
+  `recipes`: {name: recipe(kitchen) -> Soup}, default `recipes.RECIPES`.
   """
   options = options or Options()
-  recipes = RECIPES if recipes is None else recipes
+  recipes = recipes_lib.RECIPES if recipes is None else recipes
   unknown = set(options.recipes) - set(recipes) - {WISE_FT}
   if unknown:
     raise ValueError(f"unknown recipes {sorted(unknown)}; known: {[*recipes, WISE_FT]}")
   kitchen, records = prepare(ingredients, soup_dir, options)
   cooked = {}  # Weights cooked in this process, by recipe.
-  for name in options.recipes:
+  for number, name in enumerate(options.recipes, 1):
+    stage = f"[soups] recipe {number}/{len(options.recipes)}: {name}"
     if name == WISE_FT:
       continue
     if name in records.results["soups"]:
-      logging.info("%s soup already in %s", name, soup_dir)
+      _say(f"{stage}: cooked before, in {soup_dir}")
       continue
-    logging.info("Cooking the %s soup of %d ingredients", name, len(ingredients))
+    _say(f"{stage}: cooking from {len(ingredients)} ingredients")
+    start = time.monotonic()
     soup = recipes[name](kitchen)
     if soup.params is not None:
       _save_weights(soup_dir, name, soup.params)
       cooked[name] = soup.params
     scores = soup.scores if soup.scores is not None else kitchen.scorer.evaluate(soup.params)
-    records.results["soups"][name] = {**scores, "ingredients": soup.ingredients, **soup.record}
+    inference = len(soup.ingredients) if name in recipes_lib.ENSEMBLES else 1
+    records.results["soups"][name] = {**scores, "ingredients": soup.ingredients,
+                                      "inference_forward_passes": inference, **soup.record}
     records.save()
+    _say(f"{stage}: held-out {scores['heldout_acc']:.2%}, test {scores['test_acc']:.2%}, "
+         f"{len(soup.ingredients)} ingredients, took "
+         f"{durations.format_duration(time.monotonic() - start)}")
   if WISE_FT in options.recipes and WISE_FT not in records.results:
+    _say(f"[soups] recipe {options.recipes.index(WISE_FT) + 1}/{len(options.recipes)}: "
+         f"{WISE_FT}: {len(options.wise_ft_alphas)} points from the pre-trained init")
     records.results[WISE_FT] = cook_wise_ft(kitchen, *_wise_ft_endpoint(kitchen, records, cooked))
     records.save()
   if jax.process_index() == 0:

@@ -80,10 +80,10 @@ def test_report_matches_results_and_direct_evaluation(data_dir, tmp_path):
   path = report.write_report(str(tmp_path))
   text = open(path).read()
   rows = _table(text)
-  assert list(rows) == ["run0", "run1", "uniform soup", "greedy soup", "ensemble (N× cost)"]
+  assert list(rows) == ["run0", "run1", "uniform soup", "greedy soup", "ensemble (2× cost)"]
   for label, row in [(i["name"], i) for i in results["ingredients"]] + [
       ("uniform soup", results["soups"]["uniform"]), ("greedy soup", results["soups"]["greedy"]),
-      ("ensemble (N× cost)", results["soups"]["ensemble"])]:
+      ("ensemble (2× cost)", results["soups"]["ensemble"])]:
     shift = row["shift_acc"]
     expected = [row["heldout_acc"], row["test_acc"], shift["invert"], shift["noise"],
                 (shift["invert"] + shift["noise"]) / 2]
@@ -92,7 +92,7 @@ def test_report_matches_results_and_direct_evaluation(data_dir, tmp_path):
   logits = [direct_logits(model, p, datasets["test"]) for p in params]
   labels = logits[0][1]
   mean_logits = np.mean([member for member, _ in logits], axis=0)
-  assert rows["ensemble (N× cost)"][1] == f"{100 * top1(mean_logits, labels):.2f}"
+  assert rows["ensemble (2× cost)"][1] == f"{100 * top1(mean_logits, labels):.2f}"
   uniform = _average(params)
   uniform_logits, _ = direct_logits(model, uniform, datasets["test"])
   assert rows["uniform soup"][1] == f"{100 * top1(uniform_logits, labels):.2f}"

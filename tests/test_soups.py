@@ -128,7 +128,8 @@ def finetuned_runs(tmp_path_factory, pretrained_npz, data_dir):
 def cooked(finetuned_runs, tmp_path_factory):
   soup_dir = str(tmp_path_factory.mktemp("soup"))
   ingredients = ingredients_lib.from_paths(finetuned_runs, "ema_low")
-  options = soup_step.Options(recipes=("uniform", "greedy", "learned", "ensemble", "wise_ft"),
+  options = soup_step.Options(recipes=("uniform", "greedy", "learned", "ensemble",
+                                       "greedy_ensemble", "wise_ft"),
                               learned_epochs=2, wise_ft_alphas=(0.0, 0.5, 1.0),
                               shift_suite="fashion_mnist_shifts")
   return soup_dir, soup_step.cook(ingredients, soup_dir, options)
@@ -162,6 +163,72 @@ def test_greedy_soup_is_at_least_the_best_ingredient_on_heldout(cooked):
 
 
 @pytest.mark.slow
+def test_greedy_ensemble_is_chosen_on_heldout_and_scored_as_its_members_logits(
+    cooked, finetuned_runs):
+  """The greedy ensemble starts from the best run on held-out, keeps a candidate only when the
+  mean logits do not lose held-out accuracy, and its test accuracy is that of the kept runs'
+  logit ensemble evaluated directly (`python -m eval`'s ensemble of their exports)."""
+  soup_dir, results = cooked
+  soup = results["soups"]["greedy_ensemble"]
+  own = {i["name"]: i["heldout_acc"] for i in results["ingredients"]}
+  decisions = soup["decisions"]
+  assert [d["name"] for d in decisions] == sorted(own, key=lambda n: (-own[n], n))
+  assert soup["ingredients"][0] == decisions[0]["name"] and decisions[0]["decision"] == "add"
+  best = own[decisions[0]["name"]]
+  for decision in decisions[1:]:
+    assert (decision["decision"] == "add") == (decision["ensemble_heldout_acc"] >= best)
+    best = decision["ensemble_heldout_acc"] if decision["decision"] == "add" else best
+  assert soup["heldout_acc"] == best >= max(own.values())
+  assert soup["inference_forward_passes"] == len(soup["ingredients"]) == soup["checkpoint_reads"]
+  with open(os.path.join(finetuned_runs[0], "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  runs = {os.path.basename(r): r for r in finetuned_runs}
+  members = [os.path.join(runs[name], "final", "ema_low.npz") for name in soup["ingredients"]]
+  direct = evaluate_lib.evaluate(members if len(members) > 1 else members[0], "test", config)
+  assert direct["datasets"]["test"]["accuracy"] == pytest.approx(soup["test_acc"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_every_recipe_cooks_on_real_runs_and_is_reported(cooked, finetuned_runs, tmp_path):
+  """The later recipes on the cooked soup directory (resumed: the ingredients are not evaluated
+  again): each writes its weights and results.json row with its costs, grid choices are the
+  grid's best held-out point, the exported weights score what results.json says, and the
+  report lists every soup's row and cost."""
+  source, _ = cooked
+  soup_dir = tmp_path / "soup"
+  shutil.copytree(source, soup_dir)
+  later = ("learned_blocks", "model_stock", "model_stock_best2", "task_arithmetic", "ties", "dare",
+           "fisher", "regmean")
+  options = soup_step.Options(recipes=later, learned_epochs=1, learned_block_size=2,
+                              ties_densities=(0.2,), ties_lambdas=(0.5, 1.0),
+                              dare_drop_rates=(0.5,), task_arithmetic_lambdas=(0.25, 0.5),
+                              dare_lambdas=(0.25, 0.5), shift_suite="fashion_mnist_shifts")
+  ingredients = ingredients_lib.from_paths(finetuned_runs, "ema_low")
+  results = soup_step.cook(ingredients, str(soup_dir), options)
+  names = [i.name for i in ingredients]
+  own = {i["name"]: i["heldout_acc"] for i in results["ingredients"]}
+  for recipe in later:
+    soup = results["soups"][recipe]
+    assert soup["inference_forward_passes"] == 1 and soup["checkpoint_reads"] >= 2, recipe
+    assert os.path.exists(soup_dir / recipe / "params.npz"), recipe
+    if "grid" in soup:  # Chosen on held-out: the grid's best point, its accuracy the soup's.
+      best = max(soup["grid"], key=lambda point: point["heldout_acc"])
+      assert soup["chosen"] == best, recipe
+      assert soup["heldout_acc"] == pytest.approx(best["heldout_acc"], abs=1e-9), recipe
+  assert results["soups"]["model_stock_best2"]["ingredients"] == sorted(
+      names, key=lambda n: (-own[n], n))[:2]
+  with open(os.path.join(finetuned_runs[0], "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  for recipe in ("ties", "regmean"):
+    direct = evaluate_lib.evaluate(str(soup_dir / recipe / "params.npz"), "test", config)
+    assert direct["datasets"]["test"]["accuracy"] == pytest.approx(
+        results["soups"][recipe]["test_acc"], abs=1e-6), recipe
+  report = (soup_dir / "report.md").read_text()
+  for name, soup in results["soups"].items():
+    assert f"| **{report_lib.soup_label(name, soup)}** |" in report, name
+    assert f"| {name} | {len(soup['ingredients'])} |" in report, name
+
+
 def test_greedy_resume_early_abort_and_test_split_independence(cooked, finetuned_runs, tmp_path):
   soup_dir, results = cooked
   full = _journal(soup_dir)
@@ -299,7 +366,7 @@ def test_report_matches_results_and_direct_evaluation(cooked, finetuned_runs):
   rows = {line.split(" | ")[0].strip("| *"): line.split(" | ")[1:]
           for line in report.splitlines() if line.startswith("| ") and " | " in line}
   for name, soup in results["soups"].items():
-    label = "ensemble (N× cost)" if name == "ensemble" else f"{name} soup"
+    label = report_lib.soup_label(name, soup)
     cells = [c.strip(" |") for c in rows[label]]
     assert cells[0] == f"{100 * soup['heldout_acc']:.2f}" and cells[1] == f"{100 * soup['test_acc']:.2f}"
     average = np.mean([soup["shift_acc"][s] for s in shift_names])

@@ -145,3 +145,30 @@ class Progress:
     end = "\n" if not terminal or step >= self.total_steps else ""
     self.out.write(("\r\033[K" if terminal else "") + line + end)
     self.out.flush()
+
+
+class CountProgress:
+  """Console progress over a known number of items (ingredients, candidates): bar and ETA.
+
+  The ETA is the mean time per item so far times the items left, so it
+  counts compiles and reads as they come; every line is printed whole, as
+  the soup step's lines also go to logs.
+  """
+
+  def __init__(self, name, what, total, out=None, enabled=None):
+    self.name, self.what, self.total = name, what, total
+    self.out = out or sys.stdout
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.done, self._t0 = 0, time.monotonic()
+
+  def advance(self, text=""):
+    """Counts one item done and prints `[name] what i/N [bar] pct | ETA | text`."""
+    self.done += 1
+    if not self.enabled:
+      return
+    fraction = self.done / self.total if self.total else 1.0
+    left = (time.monotonic() - self._t0) / self.done * (self.total - self.done)
+    line = (f"[{self.name}] {self.what} {self.done}/{self.total} [{'#' * int(fraction * 20):<20}]"
+            f" {fraction:4.0%} | ETA {durations.format_duration(left)}")
+    self.out.write(line + (f" | {text}" if text else "") + "\n")
+    self.out.flush()
