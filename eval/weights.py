@@ -10,6 +10,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from train import checkpoint
+from train import errors
 from train import pretrained
 from train import sharding
 from train import trees
@@ -28,4 +29,4 @@ def load(path, mesh, rules):
                                               sharding.placed_abstract_tree(
         mesh, checkpoint.item_metadata(os.path.abspath(path)), rules))
   except Exception as e:  # orbax raises many types for unreadable checkpoints.
-    raise ValueError(f"cannot read the orbax checkpoint {path}: {e}") from e
+    raise errors.UserError(f"cannot read the orbax checkpoint {path}: {e}") from e

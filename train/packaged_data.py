@@ -24,6 +24,8 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import checksums as tfds_checksums
 from tensorflow_datasets.core.download import resource as tfds_resource
 
+from train import errors
+
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = (
     "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
@@ -49,9 +51,9 @@ def _check_idx_file(path):
       item_bytes = 28 * 28 if magic == 2051 else 1
       body = len(f.read()) - (8 if magic == 2051 else 0)
   except (OSError, EOFError) as e:
-    raise ValueError(f"{path}: not a readable gzip IDX file ({e})") from e
+    raise errors.UserError(f"{path}: not a readable gzip IDX file ({e})") from e
   if (got_magic, got_count) != (magic, count) or body != count * item_bytes:
-    raise ValueError(
+    raise errors.UserError(
         f"{path}: expected IDX magic {magic} with {count} items, got magic "
         f"{got_magic} with {got_count} items and {body} payload bytes")
 
