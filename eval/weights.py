@@ -16,14 +16,22 @@ from train import sharding
 from train import trees
 
 
+def check_exists(path):
+  """A FileNotFoundError naming `path` unless it is an .npz file or a directory."""
+  if path.endswith(".npz"):
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"checkpoint {path} does not exist")
+  elif not os.path.isdir(path):
+    raise FileNotFoundError(f"weights {path} do not exist (expected an .npz file or an orbax "
+                            "checkpoint directory such as <run>/checkpoints/<step>/params)")
+
+
 def load(path, mesh, rules):
   """The parameter tree at `path`, each leaf sharded over `mesh` by `rules`."""
+  check_exists(path)
   if path.endswith(".npz"):
     params = trees.unflatten(pretrained.load_npz(path))
     return jax.device_put(params, sharding.tree_shardings(mesh, params, rules))
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"weights {path} do not exist (expected an .npz file or an orbax "
-                            "checkpoint directory such as <run>/checkpoints/<step>/params)")
   try:
     return ocp.StandardCheckpointer().restore(os.path.abspath(path),
                                               sharding.placed_abstract_tree(
