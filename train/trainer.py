@@ -17,7 +17,6 @@ import json
 import os
 import re
 
-from absl import logging
 from etils import epath
 import jax
 import jax.numpy as jnp
@@ -137,6 +136,12 @@ def warn_if_foreign_head(config, builder):
     print(f"[train] WARNING {message}", flush=True)
 
 
+def _say(message):
+  """A `[train] ...` line on process 0's console, beside the progress bar."""
+  if jax.process_index() == 0:
+    print(f"[train] {message}", flush=True)
+
+
 def _write_config(config, workdir):
   """Writes config.json once the run has started: a config that fails to start leaves none."""
   path = run_dir.config_path(workdir)
@@ -233,7 +238,7 @@ def train_and_evaluate(config, workdir):
                            config.input.test_split)
   _check_workdir_config(config, workdir)
   if run_dir.is_finished(workdir):
-    logging.info("%s exists: the run is complete", run_dir.results_path(workdir))
+    _say(f"{run_dir.results_path(workdir)} exists: the run is complete")
     return run_dir.read_results(workdir)
   warn_if_foreign_head(config, builder)
 
@@ -261,7 +266,7 @@ def train_and_evaluate(config, workdir):
   _report_trainable(config, abstract_state["params"])
   state_shardings = sharding.tree_shardings(mesh, abstract_state, config.param_sharding)
   if start_step:
-    logging.info("Resuming from step %d", start_step)
+    _say(f"resuming from step {start_step}")
     state = checkpoint.restore(manager, start_step,
                                sharding.abstract_tree(abstract_state, state_shardings))
   else:
