@@ -10,7 +10,9 @@ from absl import app
 from absl import flags
 
 from soups import ingredients as ingredients_lib
+from soups import soup_step
 from train import checkpoint
+from train import errors
 
 SWEEP_DIR = flags.DEFINE_string("sweep_dir", "",
                                 "A sweep directory (its manifest.json lists the runs).")
@@ -33,4 +35,16 @@ def ingredients_and_soup_dir():
     ingredients = ingredients_lib.from_sweep(SWEEP_DIR.value, WEIGHTS.value)
   else:
     ingredients = ingredients_lib.from_paths(INGREDIENTS.value, WEIGHTS.value)
+  _check_configs_agree(ingredients)
   return ingredients, SOUP_DIR.value or os.path.join(SWEEP_DIR.value, "soups", WEIGHTS.value)
+
+
+def _check_configs_agree(ingredients):
+  """The runs' configs agree where their soup needs them to (soup_step.SHARED_KEYS), checked
+  before anything is read; a refusal is the user's to fix, in one line."""
+  try:
+    soup_step.shared_config(ingredients)
+  except errors.UserError:
+    raise
+  except ValueError as e:  # shared_config's refusals name the key and both runs.
+    raise errors.UserError(str(e)) from e
