@@ -104,8 +104,8 @@ def test_a_user_mistake_is_one_fatal_line_and_exit_status_2(request, tmp_path, m
   assert os.listdir(tmp_path) == []  # Refused before anything is written.
 
 
-def test_a_run_prints_no_library_info_lines(tmp_path, data_dir):
-  """`python -m eval` on a small .npz: JAX's backend probe ('Unable to initialize backend
+def test_a_soup_prints_no_library_info_lines(tmp_path, data_dir):
+  """`python -m soups` on two small runs: JAX's backend probe ('Unable to initialize backend
   tpu'), TFDS's 'Load dataset info' and TensorFlow's start-up lines stay off the console."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -117,13 +117,15 @@ def test_a_run_prints_no_library_info_lines(tmp_path, data_dir):
   config.input.data_dir = data_dir
   model = vit.build_model(config.model, config.num_classes)
   shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32))
-  weights = run_dir.exported_weights(str(tmp_path), "params")
-  pretrained.save_npz(weights, {k: np.zeros(v.shape, v.dtype)
-                                for k, v in trees.flatten(shapes["params"]).items()})
-  run_dir.write_config(str(tmp_path), json.loads(config.to_json()))
-  args = (f"--weights={weights}", "--suite=test", "--split=test[:64]", f"--out={tmp_path}/e.json")
-  proc = run_module("eval", *args, timeout=300)
-  assert "test" in proc.stdout and (tmp_path / "e.json").exists()
+  weights = []
+  for name in ("a", "b"):
+    weights.append(run_dir.exported_weights(str(tmp_path / name), "params"))
+    pretrained.save_npz(weights[-1], {k: np.zeros(v.shape, v.dtype)
+                                      for k, v in trees.flatten(shapes["params"]).items()})
+    run_dir.write_config(str(tmp_path / name), json.loads(config.to_json()))
+  proc = run_module("soups", f"--ingredients={','.join(weights)}", "--recipes=uniform",
+                    f"--soup_dir={tmp_path}/soup", timeout=300)
+  assert "[uniform] held-out" in proc.stdout
   assert not INFO_LINE.search(proc.stderr), proc.stderr[-3000:]
   assert "Unable to initialize backend" not in proc.stderr
 
