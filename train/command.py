@@ -64,11 +64,11 @@ def run(main, flags_parser=None):
           flags_parser=functools.partial(_parse_flags, flags_parser or flags.FLAGS))
 
 
-def is_user_error(error):
+def _is_user_error(error):
   return isinstance(error, USER_ERRORS)
 
 
-def one_line(error):
+def _one_line(error):
   """The FATAL line's message of a user error: its own, on one line."""
   text = str(error)
   if isinstance(error, flags.Error) and _CONFIG_FILE_ERROR in text:
@@ -157,7 +157,7 @@ def _parse_flags(parse, argv):
     args = parse(argv)
     _check_configs_loaded()
   except Exception as e:  # pylint: disable=broad-except  # Only user errors end here.
-    message = _unknown_config_key(e, argv) or (one_line(e) if is_user_error(e) else None)
+    message = _unknown_config_key(e, argv) or (_one_line(e) if _is_user_error(e) else None)
     if message is None:
       raise
     _fail(e, f"Flags parsing error: {message}", _traceback_asked(argv))
@@ -171,5 +171,5 @@ def _run_main(main, argv):
   try:
     return main(argv)
   except USER_ERRORS as e:
-    _fail(e, one_line(e), flags.FLAGS.traceback)
+    _fail(e, _one_line(e), flags.FLAGS.traceback)
 
