@@ -39,6 +39,11 @@ What is and is not measured:
       --out=bench/results/greedy_cost.json
 """
 
+from train import command
+from train import tf_setup  # First: TensorFlow loads without its C++ start-up lines.
+
+# isort: split
+
 import functools
 import os
 import shutil
@@ -47,7 +52,6 @@ import sys
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 import jax
 
@@ -251,11 +255,13 @@ def _summary(runs):
 
 def main(argv):
   del argv
+  tf_setup.hide_gpus_from_tensorflow()
   run_log.quiet_library_logs()
   manifest = manifest_lib.path(_SWEEP.value)
   if not os.path.exists(manifest):
-    sys.exit(f"greedy_cost: {manifest} does not exist. Run `make demo` first to make the demo "
-             "sweep (runs/demo/sweep), or pass --sweep=<a sweep directory from python -m launch>")
+    raise FileNotFoundError(f"{manifest} does not exist. Run `make demo` first to make the "
+                            "demo sweep (runs/demo/sweep), or pass --sweep=<a sweep directory "
+                            "from python -m launch>")
   ingredients = ingredients_lib.from_sweep(_SWEEP.value, _WEIGHTS.value)
   clock = CompileClock()
   probe = SearchProbe(clock)
@@ -325,4 +331,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  command.run(main)

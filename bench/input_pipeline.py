@@ -8,9 +8,13 @@ keeps the accelerator fed (>= 1: it does). Prints a table, writes JSON.
   python -m bench.input_pipeline --data_dir=$TFDS_DATA_DIR --out=bench/results/input_pipeline.json
 """
 
+from train import command
+from train import tf_setup  # First: TensorFlow loads without its C++ start-up lines.
+
+# isort: split
+
 import time
 
-from absl import app
 from absl import flags
 import jax
 
@@ -72,6 +76,7 @@ def train_step_rate(config, image_shape):
 
 def main(argv):
   del argv
+  tf_setup.hide_gpus_from_tensorflow()
   base = _config({})
   builder = data.dataset_builder(base.input.dataset, base.input.data_dir)
   split = data.open_split(builder, base.input.train_split, tuple(base.input.classes))
@@ -96,4 +101,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  command.run(main)

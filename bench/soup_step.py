@@ -54,6 +54,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from train import command
 from train import run_dir
 
 FORMATS = ("npz", "orbax")
@@ -394,4 +395,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  command.run(main)

@@ -25,6 +25,11 @@ own count would flatter JAX.
   # or: python -m bench.train_throughput --out=bench/results/train_throughput.json
 """
 
+from train import command
+from train import tf_setup  # First: TensorFlow loads without its C++ start-up lines.
+
+# isort: split
+
 import json
 import os
 import platform
@@ -205,6 +210,7 @@ def cpu_name():
 
 def main(argv):
   del argv
+  tf_setup.hide_gpus_from_tensorflow()
   unknown = set(_MODELS.value) - set(MODELS)
   if unknown:
     raise app.UsageError(f"--models has {sorted(unknown)}; known: {list(MODELS)}")
@@ -225,4 +231,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  command.run(main)

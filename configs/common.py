@@ -1,5 +1,7 @@
 """Helpers every config file uses: its argument string and the trainer's full schema."""
 
+import difflib
+
 import ml_collections
 
 
@@ -14,14 +16,19 @@ def parse_arg(arg, **defaults):
     key, has_value, value = item.partition("=")
     key = key.strip()
     if key not in defaults:
-      raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+      close = difflib.get_close_matches(key, defaults, n=1)
+      raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}"
+                       + (f"; did you mean {close[0]!r}?" if close else ""))
     kind = type(defaults[key])
     if kind is bool:
       if has_value and value.lower() not in ("true", "false", "1", "0"):
         raise ValueError(f"config argument {key}={value!r} is not a bool")
       parsed[key] = not has_value or value.lower() in ("true", "1")
     else:
-      parsed[key] = kind(value)
+      try:
+        parsed[key] = kind(value)
+      except ValueError as e:
+        raise ValueError(f"config argument {key}={value!r} is not a {kind.__name__}") from e
   return parsed
 
 

@@ -12,12 +12,13 @@ file, with --config.key=value overrides). Several --weights are scored as
 a logit ensemble (the mean of their logits).
 """
 
+from train import tf_setup  # First: TensorFlow loads without its C++ start-up lines.
+
+# isort: split
+
 import os
-import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF only preprocesses on the host.
-
-from absl import app  # pylint: disable=g-import-not-at-top
+from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
@@ -25,9 +26,11 @@ from ml_collections import config_flags
 from eval import evaluate as evaluate_lib
 from eval import evaluators as eval_lib
 from eval import run_config
+from eval import weights as weights_lib
+from train import command
+from train import errors
 from train import files
 from train import startup
-from train import tf_setup
 
 _WEIGHTS = flags.DEFINE_list("weights", None, "An .npz file or an orbax checkpoint directory; "
                              "several (comma-separated): their logit ensemble.", required=True)
@@ -56,20 +59,19 @@ def main(argv):
   startup.init()
   weights, suite = _WEIGHTS.value, _SUITE.value
   if suite not in eval_lib.known_suites():
-    sys.exit(f"FATAL unknown --suite={suite!r}; known: {eval_lib.known_suites()}")
+    raise errors.UserError(f"unknown --suite={suite!r}; known: {eval_lib.known_suites()}")
   if len(weights) > 1 and not _OUT.value:
-    sys.exit("FATAL --out is required with several --weights (an ensemble)")
+    raise errors.UserError("--out is required with several --weights (an ensemble)")
+  for path in weights:
+    weights_lib.check_exists(path)
   config = _CONFIG.value
-  try:
-    if config is None:
-      config_path = run_config.find(weights[0])
-      if config_path is None:
-        sys.exit(f"FATAL no run config.json found above {weights[0]}; pass --config=<run>/"
-                 "config.json or --config=configs/<file>.py:<arg>")
-      config = run_config.load(config_path)
-    result = evaluate_lib.evaluate(weights, suite, config, _BATCH.value, _SPLIT.value)
-  except (FileNotFoundError, ValueError) as e:  # Bad input: one line naming the file or key.
-    sys.exit(f"FATAL {e}")
+  if config is None:
+    config_path = run_config.find(weights[0])
+    if config_path is None:
+      raise errors.UserError(f"no run config.json found above {weights[0]}; pass --config=<run>/"
+                             "config.json or --config=configs/<file>.py:<arg>")
+    config = run_config.load(config_path)
+  result = evaluate_lib.evaluate(weights, suite, config, _BATCH.value, _SPLIT.value)
   print(evaluate_lib.format_table(result))
   out = _OUT.value or evaluate_lib.default_out(weights[0], suite)
   if jax.process_index() == 0:
@@ -78,4 +80,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  command.run(main, flags_parser=parse_flags)

@@ -12,6 +12,7 @@ from absl import logging
 import numpy as np
 
 from train import data
+from train import errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +58,8 @@ def foreign_split(config, run_builder, builder, split, name, pp, covered_only=Fa
   names = builder.info.features["label"].names
   known = [label for label, n in enumerate(names) if n in model_index]
   if not known:
-    raise ValueError(f"{what}: none of its classes {names[:3]}... is a class of the model "
-                     f"(config.input.dataset={config.input.dataset!r}); cannot score it")
+    raise errors.UserError(f"{what}: none of its classes {names[:3]}... is a class of the model "
+                           f"(config.input.dataset={config.input.dataset!r}); cannot score it")
   classes = () if len(known) == len(names) else tuple(known)
   if classes:
     logging.info("%s: scoring the %d of its %d classes the model has", what, len(known), len(names))

@@ -8,6 +8,7 @@ import jax
 
 from eval import evaluators as eval_lib
 from eval import weights as weights_lib
+from train import errors
 from train import run_dir
 from train import sharding
 from train import ssf
@@ -39,9 +40,9 @@ def evaluate(weights, suite, config, batch_size=0, split=""):
       else:
         result = evaluator.evaluate(weights_lib.load(p, mesh, rules) for p in paths)
     except flax.errors.FlaxError as e:  # Parameters of another shape or name than the model's.
-      raise ValueError(f"weights {', '.join(paths)} do not fit config.model (variant="
-                       f"{config.model.variant!r}, num_classes={config.num_classes}): "
-                       f"{str(e).splitlines()[0]}") from e
+      raise errors.UserError(f"weights {', '.join(paths)} do not fit config.model (variant="
+                             f"{config.model.variant!r}, num_classes={config.num_classes}): "
+                             f"{str(e).splitlines()[0]}") from e
     results[name] = {**result, "split": dataset.split.name}
   return {"weights": [os.path.abspath(p) for p in paths], "evaluator": kind, "suite": suite,
           "datasets": results,

@@ -18,6 +18,7 @@ from eval import ensemble
 from eval import shifts
 from train import accuracy
 from train import data
+from train import errors
 from train import losses
 from train import pp_spec
 from train import preprocess
@@ -44,7 +45,7 @@ class Evaluators:
   def make(self, kind, dataset):
     """The evaluator `kind` (a key of KINDS) on a `datasets.Dataset`."""
     if kind not in KINDS:
-      raise ValueError(f"unknown evaluator {kind!r}; known: {sorted(KINDS)}")
+      raise errors.UserError(f"unknown evaluator {kind!r}; known: {sorted(KINDS)}")
     return KINDS[kind](
         self.model, self.mesh, dataset.split, preprocess.build(dataset.pp, shifts.OPS),
         self.batch_size, self.loss_fn, self.params_sharding, self.config.input.num_threads,
@@ -64,7 +65,7 @@ class Evaluators:
   def suite_datasets(self, name, split=""):
     """{dataset name: datasets.Dataset} of suite `name`; `split` replaces each dataset's split."""
     if name not in known_suites():
-      raise ValueError(f"unknown suite {name!r}; known: {known_suites()}")
+      raise errors.UserError(f"unknown suite {name!r}; known: {known_suites()}")
     if name in SPLIT_SUITES:
       return {name: self.run_split(name, split)}
     return shifts.suite_datasets(name, self.config, self.builder, self.pp_eval, split)

@@ -10,6 +10,7 @@ import json
 from etils import epath
 import ml_collections
 
+from train import errors
 from train import run_dir
 
 # The keys evaluation reads; a config.json without one of them is refused, naming it.
@@ -37,13 +38,13 @@ def load(path):
   try:
     raw = json.loads(path.read_text())
   except json.JSONDecodeError as e:
-    raise ValueError(f"run config {path} is not valid JSON: {e}") from e
+    raise errors.UserError(f"run config {path} is not valid JSON: {e}") from e
   for key in REQUIRED_KEYS:
     node = raw
     for part in key.split("."):
       if not isinstance(node, dict) or part not in node:
-        raise ValueError(f"run config {path} has no key {key!r}; is it a config.json the "
-                         "trainer wrote?")
+        raise errors.UserError(f"run config {path} has no key {key!r}; is it a config.json the "
+                               "trainer wrote?")
       node = node[part]
   config = ml_collections.ConfigDict(_tuples(raw))
   config.lock()

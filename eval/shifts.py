@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from eval import datasets
 from train import data
+from train import errors
 from train import preprocess
 from train import warps
 
@@ -127,7 +128,7 @@ SUITES = {
 def suite(name):
   """The entries of shift suite `name`."""
   if name not in SUITES:
-    raise ValueError(f"unknown shift suite {name!r}; known: {sorted(SUITES)}")
+    raise errors.UserError(f"unknown shift suite {name!r}; known: {sorted(SUITES)}")
   return SUITES[name]
 
 
@@ -136,7 +137,7 @@ def insert_after_decode(pp, op):
   steps = pp.split("|")
   decoded = [i for i, step in enumerate(steps) if re.match(r"\s*decode\b", step)]
   if not decoded:
-    raise ValueError(f"pp_eval={pp!r} has no decode op to insert {op!r} after")
+    raise errors.UserError(f"pp_eval={pp!r} has no decode op to insert {op!r} after")
   return "|".join(steps[:decoded[0] + 1] + [op] + steps[decoded[0] + 1:])
 
 

@@ -17,6 +17,8 @@ from absl import flags
 from launch import backends
 from launch import launcher
 from launch import status
+from train import command
+from train import errors
 
 _SWEEP = flags.DEFINE_string("sweep", "", "Sweep config, configs/sweeps/<file>.py:<arg>.")
 _SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "Directory of the sweep's runs and manifest.",
@@ -37,7 +39,6 @@ _REPO_DIR = flags.DEFINE_string("repo_dir", "~/stockpot", "tpu: checkout on ever
 _EXECUTE = flags.DEFINE_bool("execute", False, "tpu: run the gcloud commands (default: print).")
 
 
-
 def launch():
   if not _SWEEP.value:
     raise app.UsageError("--sweep=configs/sweeps/<file>.py:<arg> is required to launch")
@@ -49,8 +50,8 @@ def launch():
     print(f"[launch] start run {start_entry['name']} ({start_entry['base']}): "
           + ("to run first" if plan.start_todo else start_entry["status"]))
     if not plan.start_todo and start_entry["status"] != "done" and not _DRY_RUN.value:
-      sys.exit(f"[launch] the start run {start_entry['name']} is {start_entry['status']} in "
-               "another process; launch the grid once it is done")
+      raise errors.UserError(f"the start run {start_entry['name']} is {start_entry['status']} "
+                             "in another process; launch the grid once it is done")
   print(f"[launch] {len(runs)} runs in {plan.sweep_dir}: {len(plan.todo)} to run, "
         f"{len(runs) - len(plan.todo)} done or running")
   if _BACKEND.value == "local":
@@ -75,4 +76,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  command.run(main)

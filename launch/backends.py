@@ -14,6 +14,7 @@ import time
 
 from launch import sweep as sweep_lib
 from train import durations
+from train import errors
 from train import files
 from train import run_dir
 
@@ -31,7 +32,7 @@ def _device_slots(gpus, parallel):
   if not gpus:
     return [{} for _ in range(parallel)]
   if len(gpus) < parallel:
-    raise ValueError(f"--gpus={','.join(gpus)} has fewer devices than --parallel={parallel}")
+    raise errors.UserError(f"--gpus={','.join(gpus)} has fewer devices than --parallel={parallel}")
   per_slot = len(gpus) // parallel
   return [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * per_slot:(i + 1) * per_slot])}
           for i in range(parallel)]

@@ -21,11 +21,11 @@ import subprocess
 import sys
 import time
 
-from absl import app
 from absl import flags
 
 from launch import sweep as sweep_lib
 from soups import diagnostics_report
+from train import command
 from train import durations
 from train import run_dir
 
@@ -50,6 +50,8 @@ def _stage(index, text, eta_seconds=None):
 def _run(*args):
   """Runs `python -m <args>`, streaming its output; stops the demo if it fails."""
   proc = subprocess.run([sys.executable, "-m", *args])
+  if proc.returncode == command.EXIT_USER_ERROR:  # A user mistake: its FATAL line is the last.
+    sys.exit(command.EXIT_USER_ERROR)
   if proc.returncode:
     sys.exit(f"[demo] failed: python -m {' '.join(args)} (exit {proc.returncode}); re-run "
              "`make demo` to continue from here")
@@ -106,4 +108,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  command.run(main)

@@ -13,6 +13,7 @@ run (see launch/sweep.py) is trained before the grid; every run's
 import json
 import os
 
+from train import errors
 from train import files
 from train import run_dir
 
@@ -47,7 +48,7 @@ def finished_runs(sweep_dir):
   finished = [(r["name"], workdir(sweep_dir, r)) for r in runs
               if run_dir.is_finished(workdir(sweep_dir, r))]
   if not finished:
-    raise ValueError(f"{path(sweep_dir)}: none of its {len(runs)} runs has finished")
+    raise errors.UserError(f"{path(sweep_dir)}: none of its {len(runs)} runs has finished")
   return finished
 
 
@@ -69,12 +70,12 @@ def merge(sweep_dir, sweep_spec, base, runs, start=None):
   """
   existing = load(sweep_dir)
   if existing is not None and existing["base"] != base:
-    raise ValueError(
+    raise errors.UserError(
         f"{path(sweep_dir)} belongs to another sweep (base config {existing['base']!r}, "
         f"not {base!r}): use another --sweep_dir")
   start_entry = _start_entry(start) if start else None
   if existing is not None and _identity(existing.get("start")) != _identity(start_entry):
-    raise ValueError(
+    raise errors.UserError(
         f"{path(sweep_dir)} belongs to a sweep with another start run "
         f"({_identity(existing.get('start'))}, not {_identity(start_entry)}): use another "
         "--sweep_dir")

@@ -19,6 +19,7 @@ import json
 import re
 
 from train import checkpoint
+from train import errors
 
 START_KEYS = ("base", "overrides", "name", "weights")
 
@@ -52,29 +53,35 @@ def load(sweep_spec):
     sweep = _load_module(path).get_config(arg or None)
   except FileNotFoundError as e:
     raise FileNotFoundError(f"--sweep={sweep_spec}: no sweep file {path}") from e
+  except ValueError as e:  # The sweep file's own check of its argument.
+    raise errors.UserError(f"--sweep={sweep_spec}: {e}") from e
   missing = {"base", "grid"} - set(sweep)
   if missing:
-    raise ValueError(f"sweep {path}: get_config() must return 'base' and 'grid'; "
-                     f"missing {sorted(missing)}")
+    raise errors.UserError(f"sweep {path}: get_config() must return 'base' and 'grid'; "
+                           f"missing {sorted(missing)}")
   if not sweep["grid"]:
-    raise ValueError(f"sweep {sweep_spec}: the grid is empty")
+    raise errors.UserError(f"sweep {sweep_spec}: the grid is empty")
   start = sweep.get("start")
   if start is not None:
     unknown = set(start) - set(START_KEYS)
     if "base" not in start or unknown:
-      raise ValueError(f"sweep {path}: 'start' needs 'base' and takes only {START_KEYS}; got "
-                       f"{sorted(start)}")
+      raise errors.UserError(f"sweep {path}: 'start' needs 'base' and takes only {START_KEYS}; got "
+                             f"{sorted(start)}")
     if start.get("weights", "params") not in checkpoint.WEIGHT_NAMES:
-      raise ValueError(f"sweep {path}: start weights {start['weights']!r}; known: "
-                       f"{checkpoint.WEIGHT_NAMES}")
+      raise errors.UserError(f"sweep {path}: start weights {start['weights']!r}; known: "
+                             f"{checkpoint.WEIGHT_NAMES}")
   return sweep
 
 
 def base_config(base_spec):
   """The trainer's locked ConfigDict for 'configs/<file>.py:<arg>'."""
   path, _, arg = base_spec.partition(":")
-  module = _load_module(path)
-  return module.get_config(arg or None)
+  try:
+    return _load_module(path).get_config(arg or None)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"config {base_spec}: no config file {path}") from e
+  except ValueError as e:  # The config file's own check of its argument.
+    raise errors.UserError(f"config {base_spec}: {e}") from e
 
 
 def _canonical(overrides):
@@ -105,9 +112,9 @@ def check_overrides(config, overrides, where):
     try:
       config.update_from_flattened_dict({key: value})
     except (KeyError, AttributeError) as e:
-      raise ValueError(f"{where}: {key!r} is not a key of the trainer config: {e}") from e
+      raise errors.UserError(f"{where}: {key!r} is not a key of the trainer config: {e}") from e
     except TypeError as e:
-      raise ValueError(f"{where}: {key}={value!r} has the wrong type: {e}") from e
+      raise errors.UserError(f"{where}: {key}={value!r} has the wrong type: {e}") from e
 
 
 def start_run(sweep, sweep_spec):
@@ -132,14 +139,14 @@ def expand(sweep, sweep_spec, start_init=""):
     overrides = {**sweep.get("common", {}), **point}
     if start_init:
       if "model_init" in overrides:
-        raise ValueError(f"{sweep_spec}, grid point {index}: sets model_init, but the sweep's "
-                         "start run gives every run its model_init")
+        raise errors.UserError(f"{sweep_spec}, grid point {index}: sets model_init, but the "
+                               "sweep's start run gives every run its model_init")
       overrides["model_init"] = start_init
     check_overrides(config, overrides, f"{sweep_spec}, grid point {index} {point}")
     key = _canonical(overrides)
     if key in seen:
-      raise ValueError(f"{sweep_spec}: grid points {seen[key]} and {index} are the same run "
-                       f"{point}; remove one")
+      raise errors.UserError(f"{sweep_spec}: grid points {seen[key]} and {index} are the same run "
+                             f"{point}; remove one")
     seen[key] = index
     runs.append(Run(run_name(point), overrides))
   return runs

@@ -6,21 +6,24 @@ r"""Cooks soups from the runs of a sweep or from explicit checkpoints.
   python -m soups --sweep_dir=runs/sweep --recipes=all  # Every recipe (docs/soups.md).
 """
 
-from absl import app
+from train import tf_setup  # First: TensorFlow loads without its C++ start-up lines.
+
+# isort: split
+
 from absl import flags
-from absl import logging
 
 from soups import cli
 from soups import learned
 from soups import recipes
 from soups import soup_step
+from train import command
+from train import errors
 from train import startup
-from train import tf_setup
 
 _DEFAULTS = soup_step.Options()
-_ALL = [*recipes.RECIPES, soup_step.WISE_FT]
+KNOWN_RECIPES = [*recipes.RECIPES, soup_step.WISE_FT]
 _RECIPES = flags.DEFINE_list("recipes", list(_DEFAULTS.recipes),
-                             f"Recipes to cook, of {_ALL}, or 'all'.")
+                             f"Recipes to cook, of {KNOWN_RECIPES}, or 'all'.")
 _SHIFT_SUITE = flags.DEFINE_string("shift_suite", "",
                                    "A distribution-shift suite of eval/ to report.")
 _EARLY_ABORT = flags.DEFINE_bool("greedy_early_abort", True,
@@ -58,21 +61,45 @@ _GRIDS = [
 ]
 
 
+def _numbers(flag, what):
+  """A list flag's values as floats; anything else is a user error naming the flag."""
+  try:
+    return tuple(float(x) for x in flag.value)
+  except ValueError as e:
+    raise errors.UserError(f"--{flag.name}={','.join(flag.value)}: {e}; give {what}") from e
+
+
+def _options():
+  """soup_step.Options from the flags; a recipe or number it cannot take is a user error."""
+  names = KNOWN_RECIPES if _RECIPES.value == ["all"] else _RECIPES.value
+  unknown = sorted(set(names) - set(KNOWN_RECIPES))
+  if unknown:
+    raise errors.UserError(f"--recipes={','.join(_RECIPES.value)}: unknown recipes {unknown}; "
+                           f"known: {KNOWN_RECIPES}, or 'all'")
+  return soup_step.Options(
+      recipes=tuple(names), greedy_early_abort=_EARLY_ABORT.value,
+      learned_mode=_LEARNED_MODE.value, learned_epochs=_LEARNED_EPOCHS.value,
+      learned_block_size=_LEARNED_BLOCK_SIZE.value, seed=_SEED.value,
+      fisher_floor=_FISHER_FLOOR.value, fisher_examples_per_step=_FISHER_EXAMPLES.value,
+      regmean_alpha=_REGMEAN_ALPHA.value,
+      wise_ft_alphas=_numbers(_WISE_FT_ALPHAS, "numbers from 0 (the pre-trained init) to 1 "
+                              "(the soup)"),
+      shift_suite=_SHIFT_SUITE.value,
+      **{grid.name: _numbers(grid, "numbers") for grid in _GRIDS})
+
+
 def main(argv):
   del argv
+  options = _options()
   tf_setup.hide_gpus_from_tensorflow()
   startup.init()
   ingredients, soup_dir = cli.ingredients_and_soup_dir()
-  options = soup_step.Options(
-      recipes=tuple(_ALL if _RECIPES.value == ["all"] else _RECIPES.value),
-      greedy_early_abort=_EARLY_ABORT.value, learned_mode=_LEARNED_MODE.value,
-      learned_epochs=_LEARNED_EPOCHS.value, learned_block_size=_LEARNED_BLOCK_SIZE.value,
-      seed=_SEED.value, fisher_floor=_FISHER_FLOOR.value,
-      fisher_examples_per_step=_FISHER_EXAMPLES.value, regmean_alpha=_REGMEAN_ALPHA.value,
-      wise_ft_alphas=tuple(float(a) for a in _WISE_FT_ALPHAS.value),
-      shift_suite=_SHIFT_SUITE.value,
-      **{grid.name: tuple(float(x) for x in grid.value) for grid in _GRIDS})
-  logging.info("Cooking %d ingredients into %s", len(ingredients), soup_dir)
+  needs_init = sorted(set(options.recipes) & {*recipes.NEEDS_PRETRAINED, soup_step.WISE_FT})
+  if needs_init and not soup_step.shared_config(ingredients).model_init:
+    raise errors.UserError(f"--recipes has {needs_init}, but the runs trained from scratch "
+                           "(config.model_init is empty): these start from the runs' shared "
+                           "pre-trained init; leave them out of --recipes")
+  print(f"[soups] cooking {len(ingredients)} ingredients into {soup_dir}", flush=True)
   results = soup_step.cook(ingredients, soup_dir, options)
   for name, soup in results["soups"].items():
     print(f"[{name}] held-out {soup['heldout_acc']:.4f} | test {soup['test_acc']:.4f} | "
@@ -80,4 +107,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  command.run(main)

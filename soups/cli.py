@@ -10,6 +10,7 @@ from absl import app
 from absl import flags
 
 from soups import ingredients as ingredients_lib
+from soups import soup_step
 from train import checkpoint
 
 SWEEP_DIR = flags.DEFINE_string("sweep_dir", "",
@@ -33,4 +34,6 @@ def ingredients_and_soup_dir():
     ingredients = ingredients_lib.from_sweep(SWEEP_DIR.value, WEIGHTS.value)
   else:
     ingredients = ingredients_lib.from_paths(INGREDIENTS.value, WEIGHTS.value)
+  soup_step.shared_config(ingredients)  # Runs that disagree are refused before any read.
   return ingredients, SOUP_DIR.value or os.path.join(SWEEP_DIR.value, "soups", WEIGHTS.value)
+

@@ -22,6 +22,10 @@ Writes `diagnostics.json` and `diagnostics_*.png` into the soup directory
 its `report.md` with a Diagnostics section when the soups are there.
 """
 
+from train import tf_setup  # First: TensorFlow loads without its C++ start-up lines.
+
+# isort: split
+
 import itertools
 import math
 import os
@@ -38,8 +42,9 @@ from soups import diagnostics_report
 from soups import report
 from soups import soup_dir as soup_dir_lib
 from soups import soup_step
+from train import command
+from train import errors
 from train import startup
-from train import tf_setup
 from train import trees
 
 
@@ -188,9 +193,9 @@ def _parse_pairs(pairs, names):
     a, sep, b = pair.partition(":")
     for name in (a, b):
       if name not in names:
-        raise ValueError(f"--pairs={pair}: {name!r} is not an ingredient; known: {names}")
+        raise errors.UserError(f"--pairs={pair}: {name!r} is not an ingredient; known: {names}")
     if not sep or a == b:
-      raise ValueError(f"--pairs={pair}: expected two different ingredients as a:b")
+      raise errors.UserError(f"--pairs={pair}: expected two different ingredients as a:b")
     parsed.append((names.index(a), names.index(b)))
   return parsed
 
@@ -199,7 +204,8 @@ def diagnose(ingredients, soup_dir, pairs=(), alphas=11, landscape_grid=9, block
              pair_gaps=True, eval_batch_size=0):
   """Measures everything above; writes diagnostics.json and the plots; returns the data."""
   if len(ingredients) < 2:
-    raise ValueError(f"diagnostics compare ingredients in pairs; got {len(ingredients)}")
+    raise errors.UserError(f"diagnostics compare ingredients in pairs: give at least two, not "
+                           f"{len(ingredients)}")
   setup = soup_step.SoupSetup(ingredients, eval_batch_size)
   theta0 = setup.pretrained_init()
   names = [i.name for i in ingredients]
@@ -265,6 +271,10 @@ def main(argv):
   if f.alphas < 2 or f.block < 1 or f.landscape_grid < 0:
     raise app.UsageError("--alphas must be >= 2, --block >= 1 and --landscape_grid >= 0")
   ingredients, soup_dir = cli.ingredients_and_soup_dir()
+  if len(ingredients) >= 2 and not soup_step.shared_config(ingredients).model_init:
+    raise errors.UserError("the runs trained from scratch (config.model_init is empty): the "
+                           "diagnostics measure each run's update from their shared pre-trained "
+                           "init")
   data = diagnose(ingredients, soup_dir, f.pairs, f.alphas, f.landscape_grid, f.block,
                   f.pair_gaps)
   for line in diagnostics_report.summary(data):
@@ -275,4 +285,4 @@ def main(argv):
 if __name__ == "__main__":
   from soups import cli  # pylint: disable=g-import-not-at-top  # Defines flags: programs only.
   _define_flags()
-  app.run(main)
+  command.run(main)

@@ -18,6 +18,7 @@ import contextlib
 import os
 
 from soups import soup_dir
+from train import errors
 
 
 class Journal:
@@ -28,7 +29,7 @@ class Journal:
     self.entries = soup_dir.read_journal_file(path)
     tried = [e["name"] for e in self.entries]
     if tried != order[:len(tried)]:
-      raise ValueError(
+      raise errors.UserError(
           f"{path} tried {tried}, which is not the start of this soup's candidate order "
           f"{order}: it belongs to another set of ingredients; use a new --soup_dir")
     if self.write and os.path.exists(path):  # Rewrite without a torn tail, atomically.

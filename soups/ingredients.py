@@ -15,6 +15,7 @@ import numpy as np
 from eval import run_config
 from launch import manifest as manifest_lib
 from train import checkpoint
+from train import errors
 from train import npz
 from train import run_dir as run_dir_lib
 from train import trees
@@ -48,8 +49,8 @@ def _run_ingredient(run_dir, weights, name=None):
   """The `weights` item of a run's last checkpoint; the run must have finished."""
   run_dir = os.path.abspath(run_dir)
   if not run_dir_lib.is_finished(run_dir):
-    raise ValueError(f"run {run_dir} has not finished (no {run_dir_lib.RESULTS}): finish it "
-                     "or leave it out of the soup")
+    raise errors.UserError(f"run {run_dir} has not finished (no {run_dir_lib.RESULTS}): finish it "
+                           "or leave it out of the soup")
   steps = run_dir_lib.checkpoint_steps(run_dir)
   if not steps:
     raise FileNotFoundError(f"run {run_dir} has no checkpoint in "
@@ -89,7 +90,8 @@ def from_paths(paths, weights):
   names = [i.name for i in ingredients]
   duplicates = sorted({n for n in names if names.count(n) > 1})
   if duplicates:
-    raise ValueError(f"ingredients share the names {duplicates}; give runs distinct directories")
+    raise errors.UserError(
+        f"ingredients share the names {duplicates}; give runs distinct directories")
   return ingredients
 
 
@@ -99,12 +101,13 @@ def metadata(ingredient):
     try:
       return npz.metadata(ingredient.path)
     except npz.READ_ERRORS as e:
-      raise ValueError(f"ingredient {ingredient.path} is not a readable .npz file: {e}") from e
+      raise errors.UserError(
+          f"ingredient {ingredient.path} is not a readable .npz file: {e}") from e
   try:
     tree = checkpoint.item_metadata(ingredient.path)
   except Exception as e:  # orbax raises many types for unreadable checkpoints.
-    raise ValueError(f"ingredient {ingredient.name}: cannot read the orbax checkpoint "
-                     f"{ingredient.path}: {checkpoint.describe(e)}") from e
+    raise errors.UserError(f"ingredient {ingredient.name}: cannot read the orbax checkpoint "
+                           f"{ingredient.path}: {checkpoint.describe(e)}") from e
   return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in trees.flatten(tree).items()}
 
 
@@ -114,7 +117,7 @@ def check_compatible(ingredients):
   Returns the shared {path: (shape, dtype)}.
   """
   if not ingredients:
-    raise ValueError("no ingredients: a soup needs at least one")
+    raise errors.UserError("no ingredients: a soup needs at least one")
   reference = metadata(ingredients[0])
   for ingredient in ingredients[1:]:
     other = metadata(ingredient)
@@ -122,10 +125,10 @@ def check_compatible(ingredients):
       if path not in other or path not in reference:
         has, lacks = ((ingredients[0], ingredient) if path not in other
                       else (ingredient, ingredients[0]))
-        raise ValueError(f"ingredient {lacks.name} ({lacks.path}) has no parameter {path!r}, "
-                         f"which {has.name} has: ingredients must share one architecture")
+        raise errors.UserError(f"ingredient {lacks.name} ({lacks.path}) has no parameter {path!r}, "
+                               f"which {has.name} has: ingredients must share one architecture")
       if other[path] != reference[path]:
-        raise ValueError(
+        raise errors.UserError(
             f"parameter {path!r}: {ingredient.name} has shape {other[path][0]} dtype "
             f"{other[path][1]}, {ingredients[0].name} has shape {reference[path][0]} dtype "
             f"{reference[path][1]} ({ingredient.path} vs {ingredients[0].path})")

@@ -24,6 +24,7 @@ from soups import learned
 from soups import regmean
 from soups import soup_dir as soup_dir_lib
 from soups import task_vectors
+from train import errors
 from train import run_log
 
 
@@ -116,7 +117,7 @@ def cook_ensemble(kitchen):
   sums = kitchen.logit_sums
   names = [i.name for i in kitchen.ingredients]
   if sorted(sums.members) != sorted(names):
-    raise ValueError(f"{sums.path} sums {sums.members}, not this soup's ingredients {names}: "
+    raise errors.UserError(f"{sums.path} sums {sums.members}, not this soup's ingredients {names}: "
                      "use a new --soup_dir")
   return Soup(names, scores={
       "heldout_acc": sums.accuracy("heldout"), "test_acc": sums.accuracy("test"),
@@ -225,5 +226,7 @@ RECIPES = {"uniform": cook_uniform, "greedy": cook_greedy, "learned": cook_learn
            "greedy_ensemble": cook_greedy_ensemble, "model_stock": cook_model_stock,
            "model_stock_best2": cook_model_stock_best2, "task_arithmetic": cook_task_arithmetic,
            "ties": cook_ties, "dare": cook_dare, "fisher": cook_fisher, "regmean": cook_regmean}
+# Recipes that start from the runs' shared pre-trained init θ0 (their config.model_init).
+NEEDS_PRETRAINED = ("model_stock", "model_stock_best2", "task_arithmetic", "ties", "dare")
 # Recipes whose soup is a logit ensemble: inference costs one forward pass per member.
 ENSEMBLES = ("ensemble", "greedy_ensemble")

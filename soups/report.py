@@ -12,7 +12,6 @@ then the Diagnostics section when `python -m soups.diagnose` has run there.
 import io
 import os
 
-from absl import app
 from absl import flags
 import matplotlib
 
@@ -21,6 +20,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 from soups import diagnostics_report  # pylint: disable=g-import-not-at-top
 from soups import soup_dir as soup_dir_lib  # pylint: disable=g-import-not-at-top
+from train import command  # pylint: disable=g-import-not-at-top
 from train import files  # pylint: disable=g-import-not-at-top
 
 # The order soups are listed in (results.json keeps its keys sorted): the paper's recipes
@@ -211,4 +211,4 @@ def main(argv):
 if __name__ == "__main__":
   # Defined here, not at import: the soup CLI imports this module and has its own --soup_dir.
   flags.DEFINE_string("soup_dir", None, "A soup directory with results.json.", required=True)
-  app.run(main)
+  command.run(main)

@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from train import checkpoint
+from train import errors
 from train import npz
 from train import sharding
 from train import trees
@@ -55,12 +56,13 @@ def _restore_npz(ingredient, abstract):
       leaf = leaves[key]
       native = np.dtype(leaf.dtype).newbyteorder("=")
       if array.shape != tuple(leaf.shape) or array.dtype != native:
-        raise ValueError(f"parameter {key!r} has shape {array.shape} dtype {array.dtype}, "
-                         f"expected {tuple(leaf.shape)} {leaf.dtype}")
+        raise errors.UserError(f"parameter {key!r} has shape {array.shape} dtype {array.dtype}, "
+                               f"expected {tuple(leaf.shape)} {leaf.dtype}")
       placed[key] = _put(array, leaf.sharding)
       del array
   except npz.READ_ERRORS as e:
-    raise ValueError(f"ingredient {ingredient.name}: cannot read {ingredient.path}: {e}") from e
+    raise errors.UserError(
+        f"ingredient {ingredient.name}: cannot read {ingredient.path}: {e}") from e
   return trees.unflatten(placed)
 
 
@@ -98,8 +100,8 @@ def _restore_orbax(ingredient, abstract):
       return jax.tree.map(lambda array, leaf: _put(array, leaf.sharding), host, abstract)
     return ocp.StandardCheckpointer().restore(ingredient.path, abstract)
   except Exception as e:  # orbax and tensorstore raise many types for unreadable files.
-    raise ValueError(f"ingredient {ingredient.name}: cannot restore {ingredient.path}: "
-                     f"{checkpoint.describe(e)}") from e
+    raise errors.UserError(f"ingredient {ingredient.name}: cannot restore {ingredient.path}: "
+                           f"{checkpoint.describe(e)}") from e
 
 
 def restore(ingredient, abstract):

@@ -26,6 +26,7 @@ import os
 import numpy as np
 import orbax.checkpoint as ocp
 
+from train import errors
 from train import files
 
 RESULTS = "results.json"
@@ -107,7 +108,7 @@ def read_journal_file(journal_path):
       entries.append(json.loads(line))
     except json.JSONDecodeError as e:
       if number < len(lines):
-        raise ValueError(f"{journal_path}: line {number} is not JSON: {e}") from e
+        raise errors.UserError(f"{journal_path}: line {number} is not JSON: {e}") from e
   return entries
 
 

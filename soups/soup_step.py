@@ -33,6 +33,7 @@ from soups import restore as restore_lib
 from soups import soup_dir as soup_dir_lib
 from train import accuracy
 from train import durations
+from train import errors
 from train import losses
 from train import pretrained
 from train import run_log
@@ -56,14 +57,14 @@ def shared_config(ingredients):
   """The run config the soup evaluates with; runs that disagree on SHARED_KEYS are refused."""
   with_runs = [i for i in ingredients if i.run_dir]
   if not with_runs:
-    raise ValueError("no ingredient comes from a run directory (with config.json): the soup "
+    raise errors.UserError("no ingredient comes from a run directory (with config.json): the soup "
                      "step needs one to know the model and the data")
   reference = with_runs[0].config()
   for ingredient in with_runs[1:]:
     config = ingredient.config()
     for key in SHARED_KEYS:
       if _get(config, key) != _get(reference, key):
-        raise ValueError(
+        raise errors.UserError(
             f"config.{key} differs between ingredients {with_runs[0].name} "
             f"({_get(reference, key)!r}) and {ingredient.name} ({_get(config, key)!r})")
   return reference
@@ -99,8 +100,8 @@ class SoupSetup:
     """The runs' starting point θ0: their model_init loaded as the trainer loads it, sharded."""
     config = self.config
     if not config.model_init:
-      raise ValueError("the runs' config.model_init is empty (they trained from scratch): there "
-                       "is no shared pre-trained init")
+      raise errors.UserError("the runs' config.model_init is empty (they trained from scratch): "
+                             "there is no shared pre-trained init")
     image = next(self.heldout.global_batches())["image"]
     init = jax.jit(lambda rng: self.model.init(rng, image[:1])["params"])(
         jax.random.key(config.seed))
@@ -265,7 +266,7 @@ def cook(ingredients, soup_dir, options=None, recipes=None):
   recipes = recipes_lib.RECIPES if recipes is None else recipes
   unknown = set(options.recipes) - set(recipes) - {WISE_FT}
   if unknown:
-    raise ValueError(f"unknown recipes {sorted(unknown)}; known: {[*recipes, WISE_FT]}")
+    raise errors.UserError(f"unknown recipes {sorted(unknown)}; known: {[*recipes, WISE_FT]}")
   kitchen, records = prepare(ingredients, soup_dir, options)
   cooked = {}  # Weights cooked in this process, by recipe.
   for number, name in enumerate(options.recipes, 1):

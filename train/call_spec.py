@@ -7,6 +7,8 @@ with literal arguments; nothing is evaluated.
 
 import ast
 
+from train import errors
+
 
 def parse_call(spec, known):
   """'name(1, key="x")' -> (name, (1,), {'key': 'x'}); `name` must be in `known`."""
@@ -14,7 +16,7 @@ def parse_call(spec, known):
   try:
     node = ast.parse(text, mode="eval").body
   except SyntaxError as e:
-    raise ValueError(f"cannot parse {text!r}: {e.msg}") from e
+    raise errors.UserError(f"cannot parse {text!r}: {e.msg}") from e
   if isinstance(node, ast.Name):
     name, args, kwargs = node.id, (), {}
   elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
@@ -23,11 +25,11 @@ def parse_call(spec, known):
       args = tuple(ast.literal_eval(a) for a in node.args)
       kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
     except ValueError as e:
-      raise ValueError(f"{text!r}: arguments must be literals ({e})") from e
+      raise errors.UserError(f"{text!r}: arguments must be literals ({e})") from e
   else:
-    raise ValueError(f"{text!r} is not of the form name or name(args)")
+    raise errors.UserError(f"{text!r} is not of the form name or name(args)")
   if name not in known:
-    raise ValueError(f"unknown op {name!r} in {text!r}; known ops: {sorted(known)}")
+    raise errors.UserError(f"unknown op {name!r} in {text!r}; known ops: {sorted(known)}")
   return name, args, kwargs
 
 

@@ -10,6 +10,7 @@ whole checkpoint.
 from etils import epath
 import orbax.checkpoint as ocp
 
+from train import errors
 from train import run_dir
 
 WEIGHT_NAMES = ("params", "ema_low", "ema_high")
@@ -80,7 +81,7 @@ def item_metadata(path):
   meta = ocp.StandardCheckpointHandler().metadata(epath.Path(path))
   tree = getattr(meta, "tree", meta)
   if not isinstance(tree, dict):  # Not saved as a tree of arrays (unreadable files raise above).
-    raise ValueError(f"orbax checkpoint {path} does not hold a tree of arrays")
+    raise errors.UserError(f"orbax checkpoint {path} does not hold a tree of arrays")
   return tree
 
 
@@ -95,7 +96,7 @@ def restore(manager, step, abstract_state):
         **{k: ocp.args.StandardRestore(v) for k, v in abstract_state.items()}))
   except Exception as e:  # orbax and tensorstore raise many types for unreadable files.
     earlier = [s for s in _complete_steps(manager) if s < step]
-    raise ValueError(
+    raise errors.UserError(
         f"checkpoint {manager.directory / str(step)} cannot be restored: {describe(e)}. Move it "
         "out of the way to resume from "
         + (f"step {earlier[-1]}" if earlier else "the start") + " with the same command") from e

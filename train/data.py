@@ -14,6 +14,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from train import errors
+
 PREPARE_HINTS = {
     "fashion_mnist": "python -m train.packaged_data --data_dir={data_dir}",
 }
@@ -80,12 +82,12 @@ def open_split(builder, split, classes=(), what="split"):
   """
   name = f"{builder.name}:{split}"
   if not sum(stop - start for _, start, stop in _absolute_ranges(builder, split, what)):
-    raise ValueError(f"{what}={split!r} of {builder.name} is empty")
+    raise errors.UserError(f"{what}={split!r} of {builder.name} is empty")
   try:
     source = builder.as_data_source(
         split=split, decoders={"image": tfds.decode.SkipDecoding()})
   except NotImplementedError as e:
-    raise ValueError(
+    raise errors.UserError(
         f"{what}={split!r}: {builder.name} in {builder.data_dir} is not in a random-access "
         f"format; convert it with: tfds convert_format --dataset_dir={builder.data_dir} "
         f"--out_file_format=array_record") from e
@@ -95,14 +97,14 @@ def open_split(builder, split, classes=(), what="split"):
   if classes:
     bad = [c for c in classes if not 0 <= c < num_labels]
     if bad:
-      raise ValueError(f"{what}: classes {bad} are not labels of {builder.name} "
-                       f"(0..{num_labels - 1})")
+      raise errors.UserError(f"{what}: classes {bad} are not labels of {builder.name} "
+                             f"(0..{num_labels - 1})")
     label_map = np.full(num_labels, -1, np.int64)
     label_map[list(classes)] = np.arange(len(classes))
     indices = np.flatnonzero(Split(name, source, indices, label_map).labels() >= 0)
   if not len(indices):
-    raise ValueError(f"{what}={split!r} of {builder.name} has no example of "
-                     f"classes {list(classes)}")
+    raise errors.UserError(f"{what}={split!r} of {builder.name} has no example of "
+                           f"classes {list(classes)}")
   return Split(name, source, indices, label_map)
 
 
@@ -111,7 +113,7 @@ def _absolute_ranges(builder, split, what):
   try:
     instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(builder.info.splits)
   except (ValueError, KeyError, AssertionError) as e:
-    raise ValueError(f"{what}={split!r} is not a valid split of {builder.name}: {e}") from e
+    raise errors.UserError(f"{what}={split!r} is not a valid split of {builder.name}: {e}") from e
   return {(i.splitname, i.from_ or 0,
            builder.info.splits[i.splitname].num_examples if i.to is None else i.to)
           for i in instructions}
@@ -135,16 +137,16 @@ def check_heldout_split(builder, train_split, heldout_split, test_split):
   heldout = _absolute_ranges(builder, heldout_split, "config.input.heldout_split")
   test = _absolute_ranges(builder, test_split, "config.input.test_split")
   if shared := _overlap(train, heldout):
-    raise ValueError(
+    raise errors.UserError(
         f"config.input.heldout_split={heldout_split!r} shares {shared} examples with "
         f"config.input.train_split={train_split!r}; carve the held-out split from "
         "data the run does not train on, e.g. train='train[:98%]', heldout='train[98%:]'")
   if heldout == test:
-    raise ValueError(f"config.input.heldout_split={heldout_split!r} is the test split "
-                     f"(config.input.test_split={test_split!r}); soups must never be "
-                     "selected on test data")
+    raise errors.UserError(f"config.input.heldout_split={heldout_split!r} is the test split "
+                           f"(config.input.test_split={test_split!r}); soups must never be "
+                           "selected on test data")
   if shared := _overlap(heldout, test):
-    raise ValueError(
+    raise errors.UserError(
         f"config.input.heldout_split={heldout_split!r} shares {shared} examples with "
         f"config.input.test_split={test_split!r}; soups must never be selected on test data")
 
@@ -211,7 +213,8 @@ def _batches(read, batch_ids, preprocess_fn, local_batch, seed, num_threads, bat
 
 def _local_batch_size(global_batch, process_count, what):
   if global_batch % process_count:
-    raise ValueError(f"{what}={global_batch} is not divisible by the {process_count} processes")
+    raise errors.UserError(
+        f"{what}={global_batch} is not divisible by the {process_count} processes")
   return global_batch // process_count
 
 

@@ -9,6 +9,8 @@ processes on one machine); `none` runs a single process.
 from absl import flags
 import jax
 
+from train import errors
+
 MODES = ("none", "auto", "explicit")
 _MODE = flags.DEFINE_enum("distributed", "none", MODES, "How processes find each other.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (explicit).")
@@ -24,8 +26,8 @@ def initialize():
     jax.distributed.initialize()
     return
   if not _COORDINATOR.value:
-    raise ValueError("--distributed=explicit needs --coordinator_address=host:port")
+    raise errors.UserError("--distributed=explicit needs --coordinator_address=host:port")
   if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
-    raise ValueError(f"--process_id={_PROCESS_ID.value} is not in [0, --num_processes="
-                     f"{_NUM_PROCESSES.value})")
+    raise errors.UserError(f"--process_id={_PROCESS_ID.value} is not in [0, --num_processes="
+                           f"{_NUM_PROCESSES.value})")
   jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

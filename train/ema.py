@@ -6,6 +6,8 @@ EMA of every run; soups are usually cooked from the low one.
 
 import jax
 
+from train import errors
+
 EMA_NAMES = ("ema_low", "ema_high")
 
 
@@ -14,7 +16,7 @@ def decays(ema_config):
   out = {"ema_low": ema_config.low, "ema_high": ema_config.high}
   for name, decay in out.items():
     if not 0.0 <= decay < 1.0:
-      raise ValueError(f"config.ema.{name[4:]}={decay}: an EMA decay must be in [0, 1)")
+      raise errors.UserError(f"config.ema.{name[4:]}={decay}: an EMA decay must be in [0, 1)")
   return out
 
 

@@ -2,6 +2,8 @@
 
 import optax
 
+from train import errors
+
 
 def softmax_xent(logits, labels):
   """Cross-entropy of softmax(logits) against `labels` (one-hot or soft) [batch]."""
@@ -23,5 +25,5 @@ LOSSES = {"softmax_xent": softmax_xent, "sigmoid_xent": sigmoid_xent}
 
 def get(name):
   if name not in LOSSES:
-    raise ValueError(f"config.loss={name!r}; known: {sorted(LOSSES)}")
+    raise errors.UserError(f"config.loss={name!r}; known: {sorted(LOSSES)}")
   return LOSSES[name]

@@ -12,6 +12,8 @@ takes the mixed distribution, sigmoid takes per-class targets in [0, 1].
 
 import tensorflow as tf
 
+from train import errors
+
 fold_in = tf.random.experimental.stateless_fold_in
 
 
@@ -57,9 +59,9 @@ def make_batch_mixer(mixup_alpha, cutmix_alpha, cutmix_switch_prob=0.5):
   """`fn(batch, seed) -> batch` mixing 'image' and 'labels', or None when both alphas are 0."""
   for name, alpha in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
     if alpha < 0:
-      raise ValueError(f"config.aug.{name}={alpha} must be >= 0 (0: off)")
+      raise errors.UserError(f"config.aug.{name}={alpha} must be >= 0 (0: off)")
   if not 0 <= cutmix_switch_prob <= 1:
-    raise ValueError(f"config.aug.cutmix_switch_prob={cutmix_switch_prob} must be in [0, 1]")
+    raise errors.UserError(f"config.aug.cutmix_switch_prob={cutmix_switch_prob} must be in [0, 1]")
   if not mixup_alpha and not cutmix_alpha:
     return None
 

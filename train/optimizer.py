@@ -17,6 +17,7 @@ import re
 import jax
 import optax
 
+from train import errors
 from train import trainable as trainable_lib
 from train import trees
 
@@ -27,10 +28,10 @@ DECAYS = ("cosine", "linear", "constant")
 def make_schedule(lr, schedule, total_steps):
   """Linear warmup from 0 to `lr`, then decay to `lr * end_lr_fraction` at `total_steps`."""
   if schedule.decay not in DECAYS:
-    raise ValueError(f"config.schedule.decay={schedule.decay!r}; known: {DECAYS}")
+    raise errors.UserError(f"config.schedule.decay={schedule.decay!r}; known: {DECAYS}")
   if not 0 <= schedule.warmup_steps < total_steps:
-    raise ValueError(f"config.schedule.warmup_steps={schedule.warmup_steps} must be in "
-                     f"[0, config.total_steps={total_steps})")
+    raise errors.UserError(f"config.schedule.warmup_steps={schedule.warmup_steps} must be in "
+                           f"[0, config.total_steps={total_steps})")
   decay_steps = total_steps - schedule.warmup_steps
   decay = {
       "cosine": lambda: optax.cosine_decay_schedule(lr, decay_steps,
@@ -53,7 +54,7 @@ def make_optimizer(config):
   """Returns (optax transform, schedule) for `config.optimizer`, `lr`, `schedule`."""
   opt = config.optimizer
   if opt.name not in OPTIMIZERS:
-    raise ValueError(f"config.optimizer.name={opt.name!r}; known: {OPTIMIZERS}")
+    raise errors.UserError(f"config.optimizer.name={opt.name!r}; known: {OPTIMIZERS}")
   schedule = make_schedule(config.lr, config.schedule, config.total_steps)
   decay = [_weight_decay(opt)] if opt.weight_decay else []
   clip = [optax.clip_by_global_norm(opt.grad_clip_norm)] if opt.grad_clip_norm > 0 else []
@@ -67,7 +68,7 @@ def make_optimizer(config):
   tx = optax.chain(*parts, optax.scale_by_learning_rate(schedule))
   trainable = trainable_lib.mask_fn(config)
   if opt.sam_rho < 0:
-    raise ValueError(f"config.optimizer.sam_rho={opt.sam_rho} must be >= 0 (0: off)")
+    raise errors.UserError(f"config.optimizer.sam_rho={opt.sam_rho} must be >= 0 (0: off)")
   if opt.sam_rho:
     return with_sam(tx, opt.sam_rho, trainable), schedule
   return only_trainable(tx, trainable), schedule

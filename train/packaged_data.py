@@ -11,18 +11,23 @@ as `imagenet2012`.
 Usage: python -m train.packaged_data --data_dir=~/tensorflow_datasets
 """
 
+from train import tf_setup  # First: TensorFlow loads without its C++ start-up lines.
+
+# isort: split
+
 import gzip
 import json
 import os
 import shutil
 import tempfile
 
-from absl import app
 from absl import flags
-from absl import logging
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import checksums as tfds_checksums
 from tensorflow_datasets.core.download import resource as tfds_resource
+
+from train import command
+from train import errors
 
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = (
@@ -49,9 +54,9 @@ def _check_idx_file(path):
       item_bytes = 28 * 28 if magic == 2051 else 1
       body = len(f.read()) - (8 if magic == 2051 else 0)
   except (OSError, EOFError) as e:
-    raise ValueError(f"{path}: not a readable gzip IDX file ({e})") from e
+    raise errors.UserError(f"{path}: not a readable gzip IDX file ({e})") from e
   if (got_magic, got_count) != (magic, count) or body != count * item_bytes:
-    raise ValueError(
+    raise errors.UserError(
         f"{path}: expected IDX magic {magic} with {count} items, got magic "
         f"{got_magic} with {got_count} items and {body} payload bytes")
 
@@ -87,7 +92,7 @@ def prepare_fashion_mnist(data_dir=None, source_dir=DEBIAN_FASHION_MNIST_DIR):
   with tempfile.TemporaryDirectory(prefix="stockpot_fmnist_") as download_dir:
     for f in FASHION_MNIST_FILES:
       _stage_download(builder.URL + f, os.path.join(source_dir, f), download_dir)
-    logging.info("Preparing fashion_mnist in %s from %s", builder.data_dir, source_dir)
+    print(f"[data] preparing fashion_mnist in {builder.data_dir} from {source_dir}", flush=True)
     builder.download_and_prepare(
         download_dir=download_dir,
         file_format="array_record",
@@ -97,6 +102,7 @@ def prepare_fashion_mnist(data_dir=None, source_dir=DEBIAN_FASHION_MNIST_DIR):
 
 def main(argv):
   del argv
+  tf_setup.hide_gpus_from_tensorflow()
   builder = prepare_fashion_mnist(flags.FLAGS.data_dir, flags.FLAGS.source_dir)
   print(f"fashion_mnist ready in {builder.data_dir}")
 
@@ -106,4 +112,4 @@ if __name__ == "__main__":
                       "i.e. $TFDS_DATA_DIR or ~/tensorflow_datasets).")
   flags.DEFINE_string("source_dir", DEBIAN_FASHION_MNIST_DIR,
                       "Where the four Fashion-MNIST IDX .gz files are.")
-  app.run(main)
+  command.run(main)

@@ -9,6 +9,8 @@ not used, so a grid point can never silently ignore one.
 
 import string
 
+from train import errors
+
 # config.aug keys consumed by pp strings; None in the base config means unused.
 PP_KNOBS = ("crop_min_area", "randaug_layers", "randaug_magnitude")
 
@@ -17,10 +19,10 @@ def _lookup(config, dotted, what):
   node = config
   for part in dotted.split("."):
     if not hasattr(node, "keys") or part not in node:
-      raise ValueError(f"{what} references {{{dotted}}}, which is not a config key")
+      raise errors.UserError(f"{what} references {{{dotted}}}, which is not a config key")
     node = node[part]
   if node is None:
-    raise ValueError(f"{what} uses {{{dotted}}} but config.{dotted} is not set")
+    raise errors.UserError(f"{what} uses {{{dotted}}} but config.{dotted} is not set")
   return node
 
 
@@ -35,7 +37,7 @@ def resolve(config, key):
   try:
     parts = list(string.Formatter().parse(spec))
   except ValueError as e:
-    raise ValueError(f"{what}={spec!r}: {e}") from e
+    raise errors.UserError(f"{what}={spec!r}: {e}") from e
   return "".join(literal + (repr(_lookup(config, field, what)) if field is not None else "")
                  for literal, field, _, _ in parts)
 
@@ -45,7 +47,7 @@ def check_knobs_used(config):
   used = set(fields(config.input.pp_train))
   for knob in PP_KNOBS:
     if config.aug[knob] is not None and f"aug.{knob}" not in used:
-      raise ValueError(
+      raise errors.UserError(
           f"config.aug.{knob}={config.aug[knob]!r} is set but config.input.pp_train="
           f"{config.input.pp_train!r} does not use it; reference it as {{aug.{knob}}} "
           "(e.g. inception_crop(224, area_min={aug.crop_min_area}), "

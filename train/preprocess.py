@@ -11,6 +11,7 @@ listing the known ones.
 import tensorflow as tf
 
 from train import call_spec
+from train import errors
 from train import randaugment
 
 
@@ -69,7 +70,8 @@ def inception_crop(size, area_min=0.05, area_max=1.0, method="bilinear", key="im
   """
   size = (size, size) if isinstance(size, int) else tuple(size)
   if not 0 < area_min <= area_max <= 1:
-    raise ValueError(f"inception_crop: need 0 < area_min={area_min} <= area_max={area_max} <= 1")
+    raise errors.UserError(
+        f"inception_crop: need 0 < area_min={area_min} <= area_max={area_max} <= 1")
   def op(example, seed):
     image = example[key]
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(

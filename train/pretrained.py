@@ -16,6 +16,7 @@ from etils import epath
 import numpy as np
 import scipy.ndimage
 
+from train import errors
 from train import files
 from train import npz
 from train import ssf
@@ -33,7 +34,7 @@ def load_npz(path):
     with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as archive:
       return {key: archive[key] for key in archive.files}
   except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-    raise ValueError(f"checkpoint {path} is not a readable .npz file: {e}") from e
+    raise errors.UserError(f"checkpoint {path} is not a readable .npz file: {e}") from e
 
 
 def save_npz(path, params):
@@ -49,7 +50,7 @@ def grid_size(num_tokens, what):
   """Side of the square patch grid that `num_tokens` position embeddings cover."""
   side = int(round(np.sqrt(num_tokens)))
   if side * side != num_tokens:
-    raise ValueError(f"{what}: {num_tokens} position embeddings are not a square grid")
+    raise errors.UserError(f"{what}: {num_tokens} position embeddings are not a square grid")
   return side
 
 
@@ -62,8 +63,8 @@ def resample_posemb(old, new_shape, what="pos_embedding"):
   if tuple(old.shape) == tuple(new_shape):
     return old
   if old.shape[0] != 1 or old.shape[2] != new_shape[2]:
-    raise ValueError(f"{what}: cannot resample shape {tuple(old.shape)} to "
-                     f"{tuple(new_shape)} (batch dim must be 1 and widths equal)")
+    raise errors.UserError(f"{what}: cannot resample shape {tuple(old.shape)} to "
+                           f"{tuple(new_shape)} (batch dim must be 1 and widths equal)")
   g_old = grid_size(old.shape[1], f"{what} (checkpoint)")
   g_new = grid_size(new_shape[1], f"{what} (model)")
   logging.info("Resampling %s from a %dx%d to a %dx%d grid", what, g_old, g_old, g_new, g_new)
@@ -127,13 +128,13 @@ def load_pretrained(init_params, path, dont_load=(), ignore=()):
   missing = sorted(k for k in model_flat
                    if k not in restored and not _matches(k, dont_load))
   if extra:
-    raise ValueError(f"{path}: key {extra[0]!r} is not a parameter of the model "
-                     f"({len(extra)} extra keys: {extra[:5]}); add a pattern to "
-                     "config.model_load.ignore to skip it")
+    raise errors.UserError(f"{path}: key {extra[0]!r} is not a parameter of the model "
+                           f"({len(extra)} extra keys: {extra[:5]}); add a pattern to "
+                           "config.model_load.ignore to skip it")
   if missing:
-    raise ValueError(f"{path}: model parameter {missing[0]!r} is missing from the "
-                     f"checkpoint ({len(missing)} missing keys: {missing[:5]}); add "
-                     "a pattern to config.model_load.dont_load to keep its init")
+    raise errors.UserError(f"{path}: model parameter {missing[0]!r} is missing from the "
+                           f"checkpoint ({len(missing)} missing keys: {missing[:5]}); add "
+                           "a pattern to config.model_load.dont_load to keep its init")
   loaded = {}
   for key, init in model_flat.items():
     if _matches(key, dont_load):
@@ -147,7 +148,7 @@ def load_pretrained(init_params, path, dont_load=(), ignore=()):
                    path, key, value.shape[-1], init.shape[-1])
       value = np.zeros(init.shape, init.dtype)
     if tuple(value.shape) != tuple(init.shape):
-      raise ValueError(f"{path}: key {key!r} has shape {tuple(value.shape)} in the "
-                       f"checkpoint but {tuple(init.shape)} in the model")
+      raise errors.UserError(f"{path}: key {key!r} has shape {tuple(value.shape)} in the "
+                             f"checkpoint but {tuple(init.shape)} in the model")
     loaded[key] = np.asarray(value, dtype=init.dtype)
   return trees.unflatten(loaded)

@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from train import call_spec
+from train import errors
 from train import trees
 
 
@@ -29,16 +30,16 @@ def make_mesh(mesh_spec, devices=None):
   names = tuple(name for name, _ in mesh_spec)
   sizes = [size for _, size in mesh_spec]
   if sizes.count(-1) > 1:
-    raise ValueError(f"config.mesh={mesh_spec!r}: at most one axis may have size -1")
+    raise errors.UserError(f"config.mesh={mesh_spec!r}: at most one axis may have size -1")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f"config.mesh={mesh_spec!r}: {len(devices)} devices are not "
-                       f"divisible by the fixed axes' product {known}")
+      raise errors.UserError(f"config.mesh={mesh_spec!r}: {len(devices)} devices are not "
+                             f"divisible by the fixed axes' product {known}")
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f"config.mesh={mesh_spec!r} needs {int(np.prod(sizes))} devices, "
-                     f"there are {len(devices)}")
+    raise errors.UserError(f"config.mesh={mesh_spec!r} needs {int(np.prod(sizes))} devices, "
+                           f"there are {len(devices)}")
   # Auto axes: XLA propagates shardings from jit's in/out shardings (pjit style).
   return jax.make_mesh(tuple(sizes), names, devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,) * len(names))
@@ -60,7 +61,7 @@ def _replicate(mesh, shape):
 
 def _fsdp(mesh, shape, axis="data"):
   if axis not in mesh.shape:
-    raise ValueError(f"fsdp axis {axis!r} is not a mesh axis {tuple(mesh.shape)}")
+    raise errors.UserError(f"fsdp axis {axis!r} is not a mesh axis {tuple(mesh.shape)}")
   size = mesh.shape[axis]
   for dim in np.argsort(shape)[::-1]:
     if shape[dim] % size == 0 and shape[dim] >= size:
@@ -83,8 +84,8 @@ def tree_shardings(mesh, tree, rules):
     for regex, (strategy, args, kwargs) in parsed:
       if regex.match(name):
         return NamedSharding(mesh, STRATEGIES[strategy](mesh, leaf.shape, *args, **kwargs))
-    raise ValueError(f"no rule of config.param_sharding matches {name!r}; end the list "
-                     "with ('.*', 'replicate')")
+    raise errors.UserError(f"no rule of config.param_sharding matches {name!r}; end the list "
+                           "with ('.*', 'replicate')")
 
   return jax.tree_util.tree_map_with_path(leaf_sharding, tree)
 

@@ -11,6 +11,7 @@ import re
 
 import jax
 
+from train import errors
 from train import ssf
 from train import trees
 
@@ -21,12 +22,13 @@ def mask_fn(config):
   """params -> tree of bools (True: trains), or None when every parameter trains."""
   patterns = tuple(config.trainable)
   if not patterns:
-    raise ValueError("config.trainable is empty: no parameter would train (use ('.*',) for all)")
+    raise errors.UserError(
+        "config.trainable is empty: no parameter would train (use ('.*',) for all)")
   for pattern in patterns:
     try:
       re.compile(pattern)
     except re.error as e:
-      raise ValueError(f"config.trainable has the invalid regex {pattern!r}: {e}") from e
+      raise errors.UserError(f"config.trainable has the invalid regex {pattern!r}: {e}") from e
   if patterns == ALL and not config.model.ssf:
     return None
   compiled = [re.compile(p) for p in patterns]

@@ -17,7 +17,6 @@ import json
 import os
 import re
 
-from absl import logging
 from etils import epath
 import jax
 import jax.numpy as jnp
@@ -28,6 +27,7 @@ from train import accuracy
 from train import checkpoint
 from train import data
 from train import ema
+from train import errors
 from train import losses
 from train import mixing
 from train import optimizer
@@ -49,7 +49,7 @@ def _check_config(config, builder):
   num_labels = builder.info.features["label"].num_classes
   expected = len(config.input.classes) or num_labels
   if config.num_classes != expected:
-    raise ValueError(
+    raise errors.UserError(
         f"config.num_classes={config.num_classes} but the data has {expected} classes "
         f"({builder.name}" + (f", config.input.classes={config.input.classes})"
                               if config.input.classes else ")"))
@@ -58,15 +58,15 @@ def _check_config(config, builder):
     try:
       preprocess.parse(spec)
     except ValueError as e:
-      raise ValueError(f"config.input.{key}: {e}") from e
+      raise errors.UserError(f"config.input.{key}: {e}") from e
   pp_spec.check_knobs_used(config)
   if not 0 <= config.label_smoothing < 1:
-    raise ValueError(f"config.label_smoothing={config.label_smoothing} must be in [0, 1)")
+    raise errors.UserError(f"config.label_smoothing={config.label_smoothing} must be in [0, 1)")
   _make_batch_mixer(config)
   unknown = set(config.final_eval_weights) - set(checkpoint.WEIGHT_NAMES)
   if unknown:
-    raise ValueError(f"config.final_eval_weights has {sorted(unknown)}; known: "
-                     f"{checkpoint.WEIGHT_NAMES}")
+    raise errors.UserError(f"config.final_eval_weights has {sorted(unknown)}; known: "
+                           f"{checkpoint.WEIGHT_NAMES}")
   losses.get(config.loss)
 
 
@@ -86,8 +86,8 @@ def _check_workdir_config(config, workdir):
   if previous != resolved:
     changed = sorted(k for k in set(previous) | set(resolved)
                      if previous.get(k) != resolved.get(k))
-    raise ValueError(f"{path} was written by a different config (keys {changed} "
-                     "differ): use a new --workdir, or the original config to resume")
+    raise errors.UserError(f"{path} was written by a different config (keys {changed} "
+                           "differ): use a new --workdir, or the original config to resume")
 
 
 def _report_trainable(config, abstract_params):
@@ -98,8 +98,8 @@ def _report_trainable(config, abstract_params):
   trains, total = trainable_lib.count(abstract_params, mask)
   what = "SSF tuning" if config.model.ssf else f"config.trainable={tuple(config.trainable)}"
   if not trains:
-    raise ValueError(f"{what} matches no parameter of the model; parameter paths look like "
-                     f"{sorted(trees.flatten(abstract_params))[:4]}")
+    raise errors.UserError(f"{what} matches no parameter of the model; parameter paths look like "
+                           f"{sorted(trees.flatten(abstract_params))[:4]}")
   if jax.process_index() == 0:
     print(f"[train] {what}: {trains:,} trainable parameters of {total:,}", flush=True)
 
@@ -134,6 +134,12 @@ def warn_if_foreign_head(config, builder):
                "fresh head (config.model_load.dont_load=('head/.*',)) or, better, from a "
                "linear probe of the init (LP-FT; see docs/soups.md)")
     print(f"[train] WARNING {message}", flush=True)
+
+
+def _say(message):
+  """A `[train] ...` line on process 0's console, beside the progress bar."""
+  if jax.process_index() == 0:
+    print(f"[train] {message}", flush=True)
 
 
 def _write_config(config, workdir):
@@ -232,7 +238,7 @@ def train_and_evaluate(config, workdir):
                            config.input.test_split)
   _check_workdir_config(config, workdir)
   if run_dir.is_finished(workdir):
-    logging.info("%s exists: the run is complete", run_dir.results_path(workdir))
+    _say(f"{run_dir.results_path(workdir)} exists: the run is complete")
     return run_dir.read_results(workdir)
   warn_if_foreign_head(config, builder)
 
@@ -260,7 +266,7 @@ def train_and_evaluate(config, workdir):
   _report_trainable(config, abstract_state["params"])
   state_shardings = sharding.tree_shardings(mesh, abstract_state, config.param_sharding)
   if start_step:
-    logging.info("Resuming from step %d", start_step)
+    _say(f"resuming from step {start_step}")
     state = checkpoint.restore(manager, start_step,
                                sharding.abstract_tree(abstract_state, state_shardings))
   else:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from train import errors
 from train import ssf as ssf_lib
 
 # Reference: Table 2 of arXiv 2106.04560 (as in big_vision), plus tiny
@@ -37,8 +38,8 @@ def decode_variant(variant):
   """'B/16' -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=(16, 16))."""
   match = re.fullmatch(r"([A-Za-z0-9]+)/(\d+)", variant)
   if not match or match.group(1) not in _WIDTH:
-    raise ValueError(f"Unknown ViT variant {variant!r}: expected '<size>/<patch>' "
-                     f"with size one of {list(VARIANTS)}, e.g. 'B/16'")
+    raise errors.UserError(f"Unknown ViT variant {variant!r}: expected '<size>/<patch>' "
+                           f"with size one of {list(VARIANTS)}, e.g. 'B/16'")
   size, patch = match.group(1), int(match.group(2))
   return dict(width=_WIDTH[size], depth=_DEPTH[size], mlp_dim=_MLP_DIM[size],
               num_heads=_NUM_HEADS[size], patch_size=(patch, patch))
@@ -143,7 +144,7 @@ class VisionTransformer(nn.Module):
   @nn.compact
   def __call__(self, images, train=False):
     if self.pool_type not in POOL_TYPES:
-      raise ValueError(f"Unknown pool_type {self.pool_type!r}; known: {POOL_TYPES}")
+      raise errors.UserError(f"Unknown pool_type {self.pool_type!r}; known: {POOL_TYPES}")
     x = nn.Conv(self.width, self.patch_size, strides=self.patch_size,
                 padding="VALID", dtype=self.dtype, name="embedding")(images)
     x = ssf_lib.after("embedding", x, self.ssf)
