@@ -18,6 +18,7 @@ from launch import sweep as sweep_lib
 from soups import averaging
 from soups import diagnose
 from soups import diagnostics_report
+from soups import greedy_ensemble
 from soups import ingredients as ingredients_lib
 from soups import preflight
 from soups import report as report_lib
@@ -146,7 +147,7 @@ def test_greedy_soup_is_at_least_the_best_ingredient_on_heldout(cooked):
   best = max(i["heldout_acc"] for i in results["ingredients"])
   soups = results["soups"]
   assert soups["greedy"]["heldout_acc"] >= best
-  assert set(soups) == {"uniform", "greedy", "learned", "ensemble"}
+  assert set(soups) == {"uniform", "greedy", "learned", "ensemble", "greedy_ensemble"}
   for soup in soups.values():
     assert 0.5 < soup["test_acc"] <= 1.0
   journal = _journal(soup_dir)
@@ -163,6 +164,20 @@ def test_greedy_soup_is_at_least_the_best_ingredient_on_heldout(cooked):
 
 
 @pytest.mark.slow
+def test_greedy_ensemble_search_keeps_a_candidate_only_if_the_mean_logits_do_not_lose():
+  """Three members on 4 examples (labels 0, 1, 2, 0): 'a' is right on 2; adding 'b' makes the
+  sum right on all 4, 'c' (confidently wrong on example 1) would drop it to 3: skipped."""
+  labels = np.eye(3, dtype=np.float32)[[0, 1, 2, 0]]
+  mask = np.ones(4, np.float32)
+  logits = {"a": np.array([[2, 0, 0], [1, 0, 0], [0, 1, 0], [1, 0, 0]], np.float32),
+            "b": np.array([[0, 0, 0], [0, 3, 0], [0, 0, 3], [0, 0, 0]], np.float32),
+            "c": np.array([[0, 0, 0], [9, 0, 0], [0, 0, 0], [0, 0, 0]], np.float32)}
+  kept, acc, decisions = greedy_ensemble.search(["a", "b", "c"], logits.get, labels, mask)
+  assert kept == ["a", "b"] and acc == 1.0
+  assert [(d["name"], d["decision"], d["ensemble_heldout_acc"]) for d in decisions] == [
+      ("a", "add", 0.5), ("b", "add", 1.0), ("c", "skip", 0.75)]
+
+
 def test_greedy_ensemble_is_chosen_on_heldout_and_scored_as_its_members_logits(
     cooked, finetuned_runs):
   """The greedy ensemble starts from the best run on held-out, keeps a candidate only when the
@@ -202,7 +217,7 @@ def test_every_recipe_cooks_on_real_runs_and_is_reported(cooked, finetuned_runs,
   options = soup_step.Options(recipes=later, learned_epochs=1, learned_block_size=2,
                               ties_densities=(0.2,), ties_lambdas=(0.5, 1.0),
                               dare_drop_rates=(0.5,), task_arithmetic_lambdas=(0.25, 0.5),
-                              dare_lambdas=(0.25, 0.5), shift_suite="fashion_mnist_shifts")
+                              dare_lambdas=(0.25, 0.5))  # No shifts: held-out and test.
   ingredients = ingredients_lib.from_paths(finetuned_runs, "ema_low")
   results = soup_step.cook(ingredients, str(soup_dir), options)
   names = [i.name for i in ingredients]
