@@ -33,6 +33,7 @@ import numpy as np
 
 from soups import averaging
 from train import accuracy
+from train import errors
 from train import sharding
 
 DEFAULT_FISHER_FLOOR = 1e-6
@@ -58,7 +59,7 @@ def statistics_pass(step, statistics, params, batches):
     totals = jax.tree.map(lambda t, s: t + s, totals, sums)
   totals = jax.tree.map(lambda x: float(np.asarray(x)), totals)
   if not totals["count"]:
-    raise ValueError("the held-out split has no examples")
+    raise errors.UserError("the held-out split has no examples")
   return statistics, {"heldout_acc": totals["correct"] / totals["count"],
                       "heldout_loss": totals["loss"] / totals["count"],
                       "num_examples": int(totals["count"])}
@@ -121,7 +122,7 @@ def _divide(tree, count):
 
 def _fisher_step_for(model, loss_fn, abstract, examples_per_step):
   if examples_per_step < 1:
-    raise ValueError(f"examples_per_step={examples_per_step}: must be at least 1")
+    raise errors.UserError(f"examples_per_step={examples_per_step}: must be at least 1")
   leaves, treedef = jax.tree.flatten(abstract)
   return _fisher_step(model, loss_fn, examples_per_step, treedef,
                       tuple(a.sharding for a in leaves))
@@ -169,8 +170,8 @@ class FisherWeightedSum:
 
   def __init__(self, abstract, fisher_floor=DEFAULT_FISHER_FLOOR):
     if not fisher_floor > 0:
-      raise ValueError(f"fisher_floor={fisher_floor}: must be positive, or a parameter with "
-                       "zero Fisher in every ingredient would divide 0 by 0")
+      raise errors.UserError(f"fisher_floor={fisher_floor}: must be positive, or a parameter with "
+                             "zero Fisher in every ingredient would divide 0 by 0")
     leaves, treedef = jax.tree.flatten(abstract)
     self.floor = fisher_floor
     self.sums = {"weighted": averaging.zeros(abstract), "weights": averaging.zeros(abstract)}

@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from soups import prefetch
+from train import errors
 
 MODES = ("global", "per_layer")
 
@@ -224,7 +225,7 @@ def fit_bounded(model, ingredients, restore, abstract, mode, batches, loss_fn, b
   """
   n = len(ingredients)
   if block_size < 1:
-    raise ValueError(f"learned soup block_size={block_size}: hold at least one ingredient")
+    raise errors.UserError(f"--learned_block_size={block_size}: hold at least one ingredient")
   block_size = min(block_size, n)
   steps = BlockSteps(model, loss_fn, abstract, learning_rate)
   logits, opt_state = steps.init(n, abstract, mode)

@@ -45,6 +45,7 @@ from soups import averaging
 from soups import fisher
 from soups import restore as restore_lib
 from train import accuracy
+from train import errors
 from train import sharding
 from train import trees
 
@@ -190,8 +191,9 @@ class RegMeanSums:
 
   def __init__(self, abstract, grams_abstract, alpha=DEFAULT_ALPHA):
     if not 0 <= alpha < 1:
-      raise ValueError(f"alpha={alpha}: must be in [0, 1); alpha=1 (no regularisation) leaves "
-                       "Σ G singular whenever a layer's inputs span fewer than d_in directions")
+      raise errors.UserError(
+          f"alpha={alpha}: must be in [0, 1); alpha=1 (no regularisation) leaves "
+          "Σ G singular whenever a layer's inputs span fewer than d_in directions")
     self.alpha = alpha
     flat = trees.flatten(abstract)
     self.kernels = sorted(grams_abstract)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from soups import averaging
+from train import errors
 from train import sharding
 from train import trees
 
@@ -197,8 +198,8 @@ class _Leaves:
     leaves = tuple(self.treedef.flatten_up_to(theta0))
     for path, x, a in zip(self.paths, leaves, self.abstract):
       if (tuple(x.shape), np.dtype(x.dtype)) != (tuple(a.shape), np.dtype(a.dtype)):
-        raise ValueError(f"θ0's {path!r} has shape {tuple(x.shape)} dtype {x.dtype}, the "
-                         f"ingredients' {tuple(a.shape)} {a.dtype}")
+        raise errors.UserError(f"θ0's {path!r} has shape {tuple(x.shape)} dtype {x.dtype}, the "
+                               f"ingredients' {tuple(a.shape)} {a.dtype}")
     return tuple(jax.device_put(leaves, self.shardings))
 
   def unflatten(self, leaves):
@@ -227,7 +228,7 @@ def model_stock(ingredients, restore, abstract, theta0):
   """
   k = len(ingredients)
   if k < 2:
-    raise ValueError(f"Model Stock needs at least 2 fine-tuned ingredients, got {k}")
+    raise errors.UserError(f"Model Stock needs at least 2 fine-tuned ingredients, got {k}")
   leaves = _Leaves(abstract)
   theta0 = leaves.place(theta0)
   state = (leaves.zeros(), leaves.zeros(), tuple(averaging.zeros(leaves.scalars(F32))))
@@ -246,7 +247,7 @@ class _GridSearch:
 
   def __init__(self, leaves, theta0, heldout_accuracy, lambdas):
     if not lambdas:
-      raise ValueError("no lambdas to choose from")
+      raise errors.UserError("no lambdas to choose from")
     self.leaves, self.theta0 = leaves, theta0
     self.heldout_accuracy, self.lambdas = heldout_accuracy, [float(lam) for lam in lambdas]
     self.grid, self.chosen, self.params = [], None, None
@@ -302,7 +303,7 @@ def ties(ingredients, restore, abstract, theta0, heldout_accuracy, densities, la
   """
   densities = [float(d) for d in densities]
   if not densities or not all(0 < d <= 1 for d in densities):
-    raise ValueError(f"TIES densities must be in (0, 1], got {densities}")
+    raise errors.UserError(f"--ties_densities: each must be in (0, 1], got {densities}")
   leaves = _Leaves(abstract)
   search = _GridSearch(leaves, leaves.place(theta0), heldout_accuracy, lambdas)
   elect = _jit(_elect_signs, leaves.shardings)
@@ -328,7 +329,7 @@ def dare(ingredients, restore, abstract, theta0, heldout_accuracy, drop_rates, l
   """
   drop_rates = [float(p) for p in drop_rates]
   if not drop_rates or not all(0 <= p < 1 for p in drop_rates):
-    raise ValueError(f"DARE drop rates must be in [0, 1), got {drop_rates}")
+    raise errors.UserError(f"--dare_drop_rates: each must be in [0, 1), got {drop_rates}")
   leaves = _Leaves(abstract)
   search = _GridSearch(leaves, leaves.place(theta0), heldout_accuracy, lambdas)
   for p in drop_rates:

@@ -104,9 +104,11 @@ def test_a_user_mistake_is_one_fatal_line_and_exit_status_2(request, tmp_path, m
   assert os.listdir(tmp_path) == []  # Refused before anything is written.
 
 
-def test_a_soup_prints_no_library_info_lines(tmp_path, data_dir):
-  """`python -m soups` on two small runs: JAX's backend probe ('Unable to initialize backend
-  tpu'), TFDS's 'Load dataset info' and TensorFlow's start-up lines stay off the console."""
+def test_a_soup_shows_its_progress_and_no_library_info_lines(tmp_path, data_dir):
+  """`python -m soups` on two small runs: a line per ingredient evaluated and per greedy
+  candidate, each with its count, bar and ETA, and per recipe; JAX's backend probe ('Unable to
+  initialize backend tpu'), TFDS's 'Load dataset info' and TensorFlow's start-up lines stay off
+  the console."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -123,9 +125,19 @@ def test_a_soup_prints_no_library_info_lines(tmp_path, data_dir):
     pretrained.save_npz(weights[-1], {k: np.zeros(v.shape, v.dtype)
                                       for k, v in trees.flatten(shapes["params"]).items()})
     run_dir.write_config(str(tmp_path / name), json.loads(config.to_json()))
-  proc = run_module("soups", f"--ingredients={','.join(weights)}", "--recipes=uniform",
+  proc = run_module("soups", f"--ingredients={','.join(weights)}", "--recipes=uniform,greedy",
                     f"--soup_dir={tmp_path}/soup", timeout=300)
   assert "[uniform] held-out" in proc.stdout
+  lines = proc.stdout.splitlines()
+  progress = [line for line in lines if re.match(
+      r"\[soups\] (evaluating ingredient|greedy candidate) \d/2 \[#* *\] +\d+% \| ETA \d+m\d\ds \| ", line)]
+  assert [line.split(" [#")[0].split(" [ ")[0] for line in progress] == [
+      "[soups] evaluating ingredient 1/2", "[soups] evaluating ingredient 2/2",
+      "[soups] greedy candidate 1/2", "[soups] greedy candidate 2/2"], proc.stdout
+  assert "| b: held-out " in progress[1], progress[1]
+  assert re.search(r"greedy candidate 2/2 \[#{20}\] 100% \| ETA 0m00s \| b: add \(soup with it", progress[3])
+  assert "[soups] recipe 1/2: uniform: cooking from 2 ingredients" in lines
+  assert any(line.startswith("[soups] recipe 2/2: greedy: held-out ") for line in lines)
   assert not INFO_LINE.search(proc.stderr), proc.stderr[-3000:]
   assert "Unable to initialize backend" not in proc.stderr
 
