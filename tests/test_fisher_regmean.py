@@ -142,14 +142,20 @@ def test_fisher_of_a_softmax_regression_is_the_mean_squared_per_example_gradient
   assert scores["heldout_acc"] == pytest.approx(correct[mask].mean())
 
 
-def test_fisher_merge_is_the_weighted_mean_of_each_ingredients_fisher_and_scores_it(tmp_path):
-  """The streamed merge equals the formula on each ingredient's held-out Fisher, and the
-  accuracy it records is the ingredient's plain evaluation."""
+def _vit_ingredients(tmp_path, batches_seed):
+  """Three perturbed tiny ViTs as .npz ingredients: (model, their trees, ingredients, the soup's
+  target on 8 devices, held-out batches on the mesh)."""
   model, mesh = _vit(), _mesh()
   flat_trees = _perturbed(model, 3)
   ingredients = npz_ingredients(tmp_path, flat_trees)
   abstract = soup_abstract(ingredients, mesh)
-  batches = _on_mesh(_host_batches(0), mesh)
+  return model, flat_trees, ingredients, abstract, _on_mesh(_host_batches(batches_seed), mesh)
+
+
+def test_fisher_merge_is_the_weighted_mean_of_each_ingredients_fisher_and_scores_it(tmp_path):
+  """The streamed merge equals the formula on each ingredient's held-out Fisher, and the
+  accuracy it records is the ingredient's plain evaluation."""
+  model, flat_trees, ingredients, abstract, batches = _vit_ingredients(tmp_path, 0)
   merged, record = fisher.fisher_merge(ingredients, _restore(abstract), abstract, model,
                                        losses.softmax_xent, batches, fisher_floor=1e-4,
                                        examples_per_step=16)
@@ -261,11 +267,7 @@ def test_regmean_input_dims_no_example_reaches_are_the_uniform_mean(tmp_path):
 
 
 def test_regmean_on_the_vit_merges_every_dense_kernel_and_means_the_rest(tmp_path):
-  model, mesh = _vit(), _mesh()
-  flat_trees = _perturbed(model, 3)
-  ingredients = npz_ingredients(tmp_path, flat_trees)
-  abstract = soup_abstract(ingredients, mesh)
-  batches = _on_mesh(_host_batches(1), mesh)
+  model, flat_trees, ingredients, abstract, batches = _vit_ingredients(tmp_path, 1)
   merged, record = regmean.regmean(ingredients, _restore(abstract), abstract, model,
                                    losses.softmax_xent, batches)
   block = "Transformer/encoderblock_0"
