@@ -132,6 +132,7 @@ class RunPlan:
   state_bytes: dict  # Per device: params, opt_state, ema_low, ema_high.
   steps: list  # StepPlan of train, eval, soup add.
   mesh: dict
+  config: object  # The first run's config.
 
   @property
   def train(self):
@@ -211,7 +212,7 @@ def plan_run(config, runs):
       params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"])),
       state_bytes={name: bytes_per_device(state[name])
                    for name in ("params", "opt_state", "ema_low", "ema_high")},
-      steps=steps, mesh=dict(mesh.shape))
+      steps=steps, mesh=dict(mesh.shape), config=config)
 
 
 # Keys that change what the train, eval and soup steps compile to (shapes, FLOPs, memory).
@@ -262,18 +263,21 @@ def plan_sweep(sweep_spec, mesh=None):
 
 
 def advice(plan, device_memory):
-  """What to change when `plan` does not fit `device_memory` bytes per device (else [])."""
-  if plan.peak_bytes() <= device_memory:
-    return []
-  changes = []
-  if plan.state_bytes["params"] * 1.01 >= plan.params * 4 and plan.params > 1e7:
-    changes.append("shard the weights, optimizer state and EMAs: a mesh axis 'fsdp' and "
-                   "config.param_sharding=(('.*', 'fsdp(axis=\"fsdp\")'),)")
-  else:
-    changes.append("more FSDP: a larger 'fsdp' mesh axis")
-  changes.append("config.model.remat=True (activations recomputed, not kept)")
-  changes.append(f"a smaller config.batch_size (now {plan.batch_size}), or the same batch "
-                 "with config.grad_accum_steps=2 or more")
+  """What to change when a step of `plan` does not fit `device_memory` bytes per device."""
+  config, changes = plan.config, []
+  train, evaluate = plan.steps[0], plan.steps[1]
+  if train.peak_bytes > device_memory:
+    if plan.state_bytes["params"] * 1.01 >= plan.params * 4:
+      changes.append("shard the weights, optimizer state and EMAs: a mesh axis 'fsdp' and "
+                     "config.param_sharding=(('.*', 'fsdp(axis=\"fsdp\")'),)")
+    else:
+      changes.append("more FSDP: a larger 'fsdp' mesh axis")
+    if not config.model.remat:
+      changes.append("config.model.remat=True (activations recomputed, not kept)")
+    changes.append(f"a smaller config.batch_size (now {config.batch_size}), or the same batch "
+                   f"with config.grad_accum_steps={2 * config.grad_accum_steps} or more")
+  if evaluate.peak_bytes > device_memory:
+    changes.append(f"a smaller config.eval_batch_size (now {config.eval_batch_size})")
   return changes
 
 
