@@ -4,6 +4,10 @@ r"""Cooks soups from the runs of a sweep or from explicit checkpoints.
       --recipes=uniform,greedy,learned,ensemble,wise_ft --soup_dir=runs/sweep/soups/ema_low
   python -m soups --ingredients=runs/a,runs/b/final/ema_low.npz --soup_dir=/tmp/soup
   python -m soups --sweep_dir=runs/sweep --recipes=all  # Every recipe (docs/soups.md).
+
+Several hosts: start the same command on each with --distributed=auto (or
+explicit); every process reads its shards, takes the same greedy decisions,
+and process 0 writes (docs/soups.md#several-hosts).
 """
 
 from train import tf_setup  # First: TensorFlow loads without its C++ start-up lines.
@@ -17,6 +21,7 @@ from soups import learned
 from soups import recipes
 from soups import soup_step
 from train import command
+from train import distributed
 from train import errors
 from train import startup
 
@@ -93,6 +98,7 @@ def main(argv):
   options = _options()
   tf_setup.hide_gpus_from_tensorflow()
   startup.init()
+  distributed.initialize()
   ingredients, soup_dir = cli.ingredients_and_soup_dir()
   needs_init = sorted(set(options.recipes) & {*recipes.NEEDS_PRETRAINED, soup_step.WISE_FT})
   if needs_init and not soup_step.shared_config(ingredients).model_init:

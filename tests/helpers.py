@@ -1,6 +1,7 @@
 """Helpers for tests that run the real entry points."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -17,3 +18,21 @@ def run_module(module, *args, devices=1, timeout=900, check=True, env=None):
     raise AssertionError(f"python -m {module} {' '.join(args)} failed ({proc.returncode}):\n"
                          f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
   return proc
+
+
+def free_port():
+  """A TCP port on localhost that nothing listens on now (for jax.distributed's coordinator)."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def start_processes(module, args, count, port, devices=1):
+  """`python -m module args` as `count` processes joined by jax.distributed on localhost:port,
+  each with `devices` CPU devices; returns the Popen objects (stdout and stderr piped)."""
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  return [subprocess.Popen(
+      [sys.executable, "-m", module, *args, "--distributed=explicit",
+       f"--coordinator_address=localhost:{port}", f"--num_processes={count}",
+       f"--process_id={i}"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for i in range(count)]

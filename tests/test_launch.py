@@ -2,9 +2,6 @@
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,8 +10,9 @@ from configs import grid
 from launch import backends
 from launch import manifest as manifest_lib
 from launch import sweep as sweep_lib
-from tests.helpers import REPO
+from tests.helpers import free_port
 from tests.helpers import run_module
+from tests.helpers import start_processes
 from train import pretrained
 
 BASE = "configs/fashion_mnist.py:stage=pretrain,runlocal,variant=mu/4"
@@ -151,25 +149,13 @@ def test_bad_start_runs_are_errors(tmp_path, start, points, message):
     sweep_lib.expand(sweep, path, "start.npz")
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_train_one_run_like_a_single_process(tmp_path, data_dir):
   args = [f"--config={BASE}", f"--config.input.data_dir={data_dir}", "--config.total_steps=20",
           "--config.model.dropout=0.1"]
   run_module("train", *args, f"--workdir={tmp_path / 'single'}", devices=2)
-  port = _free_port()
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "train", *args, f"--workdir={tmp_path / 'multi'}",
-       "--distributed=explicit", f"--coordinator_address=localhost:{port}", "--num_processes=2",
-       f"--process_id={i}"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  procs = start_processes("train", [*args, f"--workdir={tmp_path / 'multi'}"], 2, free_port())
+  outputs = ["".join(p.communicate(timeout=600)) for p in procs]
   assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
   assert "[train] step 20/20" in outputs[0] and "[train]" not in outputs[1]  # Logs: process 0.
   for name in ("params", "ema_low"):

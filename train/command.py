@@ -18,6 +18,11 @@ One error path for every command:
   - `app.UsageError` (flags that do not go together);
   - the OS's errors about a path: it does not exist, is a directory or is not one,
     or may not be read or written (`PATH_ERRORS`).
+- A collective that fails because another process of a multi-process job is
+  gone (killed, crashed, preempted) ends the command with one FATAL line and
+  exit status 3 (`EXIT_LOST_PROCESS`), at once: re-running the command on every
+  host resumes. A process blocked on a lost peer outside a collective is
+  ended by JAX after `--heartbeat_timeout` seconds (train/distributed.py).
 - Anything else is a bug and keeps Python's traceback and exit status 1.
 - `--traceback` prints a user mistake's traceback too, before its FATAL line.
 
@@ -43,6 +48,10 @@ from ml_collections.config_flags import config_flags
 from train import errors
 
 EXIT_USER_ERROR = 2
+EXIT_LOST_PROCESS = 3  # Another process of a multi-process job died: re-run on every host.
+# What XLA's CPU (Gloo) collectives and JAX's coordination service say when a peer is gone.
+_LOST_PROCESS = re.compile(r"gloo|heartbeat|unhealthy|connection reset|connection refused",
+                           re.IGNORECASE)
 PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 USER_ERRORS = (errors.UserError, flags.Error, app.UsageError, *PATH_ERRORS)
 # absl's verbosity of logging.WARNING (0 is INFO).
@@ -172,4 +181,24 @@ def _run_main(main, argv):
     return main(argv)
   except USER_ERRORS as e:
     _fail(e, _one_line(e), flags.FLAGS.traceback)
+  except Exception as e:  # pylint: disable=broad-except
+    if not _lost_process(e):
+      raise
+    sys.stdout.flush()
+    if flags.FLAGS.traceback:
+      traceback.print_exception(e)
+    sys.stderr.write(f"FATAL another process of this multi-process job is gone (killed, "
+                     f"crashed or preempted): {_one_line(e)[:300]}; start the same command on "
+                     "every host again: it resumes\n")
+    sys.stderr.flush()
+    # Not sys.exit: JAX's shutdown at exit would wait for the lost process at a barrier
+    # (--heartbeat_timeout), then abort.
+    os._exit(EXIT_LOST_PROCESS)  # pylint: disable=protected-access
+
+
+def _lost_process(error):
+  """Whether `error`, raised by a collective of a multi-process job, says a peer is gone."""
+  jax = sys.modules.get("jax")
+  return (jax is not None and isinstance(error, jax.errors.JaxRuntimeError)
+          and jax.process_count() > 1 and _LOST_PROCESS.search(str(error)) is not None)
 

@@ -16,6 +16,9 @@ _MODE = flags.DEFINE_enum("distributed", "none", MODES, "How processes find each
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (explicit).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in the job (explicit).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index (explicit).")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout", 100, "Seconds without a heartbeat after which a process counts as "
+    "lost and the others stop with an error instead of waiting on it.")
 
 
 def initialize():
@@ -23,11 +26,12 @@ def initialize():
   if _MODE.value == "none":
     return
   if _MODE.value == "auto":
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
     return
   if not _COORDINATOR.value:
     raise errors.UserError("--distributed=explicit needs --coordinator_address=host:port")
   if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
     raise errors.UserError(f"--process_id={_PROCESS_ID.value} is not in [0, --num_processes="
                            f"{_NUM_PROCESSES.value})")
-  jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                             heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
