@@ -1,0 +1,104 @@
+"""PyTorch checkpoints (timm, open_clip / model-soups, Hugging Face) give the source's logits here.
+
+The fixtures are small random models built by the source libraries
+(tests/fixtures/make_torch_vits.py, pinned in requirements-make.txt): their
+weights as `.safetensors`, and their logits for a few images.
+"""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from configs import common
+from eval import run_config
+from train import convert
+from train import errors
+from train import pretrained
+from train import torch_files
+from train import trees
+from train import vit
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+MODELS = ("timm_cls", "timm_gap", "open_clip", "hf")
+
+
+def _fixture(name):
+  return os.path.join(FIXTURES, f"torch_{name}.safetensors")
+
+
+def _logits(npz_path):
+  """Logits of the converted `.npz` on the fixture's images, with the config found next to it."""
+  config = run_config.load(run_config.find(npz_path))
+  model = vit.build_model(config.model, config.num_classes)
+  params = trees.unflatten(pretrained.load_npz(npz_path))
+  return np.asarray(model.apply({"params": params}, _reference(npz_path)["images"]))
+
+
+def _reference(npz_path):
+  return np.load(os.path.join(FIXTURES, os.path.basename(npz_path)))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_converted_model_gives_the_source_libraries_logits(tmp_path, name):
+  out = str(tmp_path / f"torch_{name}.npz")
+  convert.to_npz(_fixture(name), out, common.base_config())
+  np.testing.assert_allclose(_logits(out), _reference(out)["logits"], atol=1e-4, rtol=0)
+
+
+def test_model_soups_layout_sets_clip_variants(tmp_path):
+  out = str(tmp_path / "torch_open_clip.npz")
+  config = convert.to_npz(_fixture("open_clip"), out, common.base_config(), source="open_clip")
+  assert (config.model.gelu, config.model.ln_eps, config.model.ln_pre, config.model.proj_dim,
+          config.model.normalize_features, config.model.variant) == (
+              "quick", 1e-5, True, 16, True, "pico/8")
+  assert config.num_classes == 5
+
+
+@pytest.mark.parametrize("name", ("timm_cls", "timm_gap"))
+def test_npz_safetensors_npz_round_trip_is_exact(tmp_path, name):
+  first, back = str(tmp_path / f"torch_{name}.npz"), str(tmp_path / "back" / f"torch_{name}.npz")
+  convert.to_npz(_fixture(name), first, common.base_config())
+  convert.to_safetensors(first, str(tmp_path / "timm.safetensors"))
+  # The written file is timm's layout: the source library's own state dict, bit for bit.
+  written = safetensors.numpy.load_file(str(tmp_path / "timm.safetensors"))
+  source = safetensors.numpy.load_file(_fixture(name))
+  assert sorted(written) == sorted(source)
+  for key, value in source.items():
+    np.testing.assert_array_equal(written[key], value, err_msg=key)
+  convert.to_npz(str(tmp_path / "timm.safetensors"), back, common.base_config())
+  a, b = pretrained.load_npz(first), pretrained.load_npz(back)
+  assert sorted(a) == sorted(b)
+  for key, value in a.items():
+    np.testing.assert_array_equal(b[key], value, err_msg=key)
+  assert (run_config.load(run_config.find(back)).model.to_dict()
+          == run_config.load(run_config.find(first)).model.to_dict())
+
+
+def test_unknown_keys_are_refused_naming_them(tmp_path):
+  state = safetensors.numpy.load_file(_fixture("timm_cls"))
+  state["blocks.0.ls1.gamma"] = np.ones(64, np.float32)
+  path = str(tmp_path / "layer_scale.safetensors")
+  safetensors.numpy.save_file(state, path)
+  with pytest.raises(errors.UserError, match=r"layer_scale.safetensors.*blocks\.0\.ls1\.gamma"):
+    torch_files.convert(path)
+
+
+def test_open_clip_without_a_head_is_refused(tmp_path):
+  state = safetensors.numpy.load_file(_fixture("open_clip"))
+  del state["classification_head.weight"], state["classification_head.bias"]
+  path = str(tmp_path / "visual.safetensors")
+  safetensors.numpy.save_file(state, path)
+  with pytest.raises(errors.UserError, match="no classification head"):
+    torch_files.convert(path, "open_clip")
+
+
+def test_pickled_checkpoint_without_torch_says_what_to_do(tmp_path):
+  if importlib.util.find_spec("torch"):
+    pytest.skip("torch is installed: the message is for installs without it (make test's venv)")
+  path = tmp_path / "model.pt"
+  path.write_bytes(b"not read")
+  with pytest.raises(errors.UserError, match="model.pt needs PyTorch"):
+    torch_files.convert(str(path))
