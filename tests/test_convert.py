@@ -14,6 +14,9 @@ import safetensors.numpy
 
 from configs import common
 from eval import run_config
+from soups import ingredients as ingredients_lib
+from soups import soup_dir as soup_dir_lib
+from soups import soup_step
 from train import convert
 from train import errors
 from train import pretrained
@@ -102,3 +105,27 @@ def test_pickled_checkpoint_without_torch_says_what_to_do(tmp_path):
   path.write_bytes(b"not read")
   with pytest.raises(errors.UserError, match="model.pt needs PyTorch"):
     torch_files.convert(str(path))
+
+
+def test_soup_of_safetensors_ingredients_is_their_converted_mean(tmp_path):
+  config = common.base_config()  # Fashion-MNIST as the fixtures' 32x32 RGB, 5 classes.
+  config.input.classes = (0, 1, 2, 3, 4)
+  config.input.pp_eval = "decode(channels=3)|resize(32)|value_range(-1, 1)|onehot(5)"
+  config.input.heldout_split = config.input.test_split = "test[:64]"
+  convert.to_npz(_fixture("timm_cls"), str(tmp_path / "reference.npz"), config)
+  state = safetensors.numpy.load_file(_fixture("timm_cls"))
+  rng = np.random.default_rng(0)
+  moved = {k: v + rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in state.items()}
+  safetensors.numpy.save_file(moved, str(tmp_path / "moved.safetensors"))
+  ingredients = ingredients_lib.from_paths(
+      [_fixture("timm_cls"), str(tmp_path / "moved.safetensors")], "params",
+      default_config=str(tmp_path / "reference.config.json"))
+  soup_dir = str(tmp_path / "soup")
+  results = soup_step.cook(ingredients, soup_dir, soup_step.Options(recipes=("uniform",)))
+  assert [i["name"] for i in results["ingredients"]] == ["torch_timm_cls", "moved"]
+  soup = pretrained.load_npz(soup_dir_lib.weights_npz(soup_dir, "uniform"))
+  first = torch_files.convert(_fixture("timm_cls"))[0]
+  second = torch_files.convert(str(tmp_path / "moved.safetensors"))[0]
+  assert sorted(soup) == sorted(first)
+  for key, value in soup.items():
+    np.testing.assert_allclose(value, (first[key] + second[key]) / 2, atol=1e-6, err_msg=key)
