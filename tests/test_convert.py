@@ -8,6 +8,7 @@ weights as `.safetensors`, and their logits for a few images.
 import importlib.util
 import os
 
+import jax
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -129,3 +130,19 @@ def test_soup_of_safetensors_ingredients_is_their_converted_mean(tmp_path):
   assert sorted(soup) == sorted(first)
   for key, value in soup.items():
     np.testing.assert_allclose(value, (first[key] + second[key]) / 2, atol=1e-6, err_msg=key)
+
+
+def test_trainer_adopts_the_converted_architecture_and_loads_it_as_model_init(tmp_path):
+  out = str(tmp_path / "torch_hf.npz")
+  convert.to_npz(_fixture("hf"), out, common.base_config())
+  config = common.base_config()  # mu/4, gap, tanh GELU: the trainer's defaults.
+  changed = pretrained.adopt_architecture(config.model, out)
+  assert changed == {"variant": "pico/8", "pool_type": "tok", "gelu": "erf", "ln_eps": 1e-12,
+                     "posemb_cls": True}
+  assert pretrained.adopt_architecture(config.model, out) == {}
+  model = vit.build_model(config.model, 5)
+  images = _reference(out)["images"]
+  init = model.init(jax.random.key(0), images[:1])["params"]
+  loaded = pretrained.load_pretrained(init, out)  # pos_embedding kept whole (class token too).
+  np.testing.assert_allclose(np.asarray(model.apply({"params": loaded}, images)),
+                             _reference(out)["logits"], atol=1e-4, rtol=0)
