@@ -17,6 +17,7 @@ from train import vit
 CONFIG_ARGS = {
     "fashion_mnist": ["", "stage=pretrain", "runlocal", "stage=pretrain,runlocal,variant=mu/4",
                       "init=pretrained.npz,variant=nano/4", "stage=linear_probe,init=p.npz"],
+    "model_soups_clip_b32": ["", "data_dir=/data/tfds,heldout=train[:1%]"],
 }
 
 

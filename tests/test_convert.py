@@ -14,12 +14,15 @@ import pytest
 import safetensors.numpy
 
 from configs import common
+from configs import model_soups_clip_b32
 from eval import run_config
 from soups import ingredients as ingredients_lib
 from soups import soup_dir as soup_dir_lib
 from soups import soup_step
 from train import convert
 from train import errors
+from train import pp_spec
+from train import preprocess
 from train import pretrained
 from train import torch_files
 from train import trees
@@ -146,3 +149,26 @@ def test_trainer_adopts_the_converted_architecture_and_loads_it_as_model_init(tm
   loaded = pretrained.load_pretrained(init, out)  # pos_embedding kept whole (class token too).
   np.testing.assert_allclose(np.asarray(model.apply({"params": loaded}, images)),
                              _reference(out)["logits"], atol=1e-4, rtol=0)
+
+
+def test_model_soups_reproduction_config_takes_the_converted_clip_model(tmp_path):
+  clip = model_soups_clip_b32.get_config("data_dir=/data/tfds")
+  preprocess.parse(pp_spec.resolve(clip, "pp_eval"))
+  out = str(tmp_path / "torch_open_clip.npz")
+  convert.to_npz(_fixture("open_clip"), out, clip)
+  written = run_config.load(run_config.find(out))
+  assert (written.input.dataset, written.input.data_dir, written.input.heldout_split) == (
+      "imagenet2012", "/data/tfds", "train[98%:]")
+  assert (written.model.gelu, written.model.normalize_features, written.num_classes) == (
+      "quick", True, 5)
+
+
+def test_model_soups_config_is_openai_clip_b32_with_its_head():
+  config = model_soups_clip_b32.get_config()
+  model = vit.build_model(config.model, config.num_classes)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jax.numpy.zeros((1, 224, 224, 3)))
+  shapes = {k: v.shape for k, v in trees.flatten(shapes["params"]).items()}
+  assert (shapes["pos_embedding"], shapes["cls"], shapes["proj/kernel"], shapes["head/kernel"],
+          shapes["embedding/kernel"]) == ((1, 50, 768), (1, 1, 768), (768, 512), (512, 1000),
+                                          (32, 32, 3, 768))
+  assert "ln_pre/scale" in shapes and "fc_norm/scale" not in shapes
