@@ -1,7 +1,8 @@
 """Converts PyTorch ViT checkpoints to big_vision `.npz` and back to timm `.safetensors`.
 
   python -m train.convert --from=open_clip --in=model_soups/model_0.pt --out=soups/m0.npz
-  python -m train.convert --to=safetensors --in=soups/greedy.npz --out=greedy.safetensors
+  python -m train.convert --to=safetensors --in=soups/greedy/params.npz \
+      --run_config=soups/m0.config.json --out=greedy.safetensors
 
 To `.npz`, it also writes <out stem>.config.json: the run config (data from
 --config, by default configs/common.py's) with the model keys and class count
@@ -34,6 +35,9 @@ _TO = flags.DEFINE_enum("to", "npz", ("npz", "safetensors"), "The output format.
 _GELU = flags.DEFINE_enum("gelu", "", ("",) + ("tanh", "erf", "quick"),
                           "Override the source's activation (timm's CLIP ViTs: quick).")
 _LN_EPS = flags.DEFINE_float("ln_eps", 0.0, "Override the source's LayerNorm epsilon; 0: its own.")
+_RUN_CONFIG = flags.DEFINE_string(
+    "run_config", "", "--to=safetensors: the run config (.json) of --in when it has none next to "
+    "it or above it (a soup's <soup_dir>/<recipe>/params.npz: its ingredients' config).")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "The run config the .npz's config.json starts from (data, eval); default "
     "configs/common.py's base config.")
@@ -53,11 +57,12 @@ def to_npz(path, out, config, source="", gelu="", ln_eps=0.0):
   return config
 
 
-def to_safetensors(path, out):
-  """Writes the .npz at `path` to `out` in timm's layout."""
-  config_path = run_config.find(path)
+def to_safetensors(path, out, config_path=""):
+  """Writes the .npz at `path` to `out` in timm's layout; its model from `config_path` or found."""
+  config_path = config_path or run_config.find(path)
   if config_path is None:
-    raise errors.UserError(f"no run config.json or {run_dir.SIBLING_CONFIG} found for {path}")
+    raise errors.UserError(f"no run config.json or {run_dir.SIBLING_CONFIG} found for {path}: "
+                           "pass --run_config=<the ingredients' config.json>")
   model = run_config.load(config_path).model.to_dict()
   torch_files.write_safetensors(out, pretrained.load_npz(path), model)
 
@@ -65,7 +70,7 @@ def to_safetensors(path, out):
 def main(argv):
   del argv
   if _TO.value == "safetensors":
-    to_safetensors(_IN.value, _OUT.value)
+    to_safetensors(_IN.value, _OUT.value, _RUN_CONFIG.value)
   else:
     to_npz(_IN.value, _OUT.value, _CONFIG.value or common.base_config(), _FROM.value or "",
            _GELU.value, _LN_EPS.value)
