@@ -113,8 +113,8 @@ def adopt_architecture(model_config, path):
   and PyTorch-variant keys (vit.VARIANT_KEYS) are what the weights need.
   Returns {key: value} of the keys changed; {} when there is no such file.
   """
-  sibling = run_dir.sibling_config(path)
-  if not path or not os.path.isfile(sibling):
+  sibling = path and run_dir.sibling_config(path)
+  if not sibling or not os.path.isfile(sibling):
     return {}
   with open(sibling) as f:
     recorded = json.load(f).get("model", {})

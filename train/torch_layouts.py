@@ -49,6 +49,10 @@ class _Reader:
       raise errors.UserError(f"{self.source} checkpoint has no key {key!r}")
     return np.asarray(self.state.pop(key), np.float32)
 
+  def pair(self, module):
+    """(`module`.weight, `module`.bias)."""
+    return self.pop(f"{module}.weight"), self.pop(f"{module}.bias")
+
   def done(self):
     if self.state:
       raise errors.UserError(f"{self.source} checkpoint has keys this converter does not know: "
@@ -72,6 +76,24 @@ def _linear(out, name, weight, bias=None):
 
 def _norm(out, name, weight, bias):
   out[f"{name}/scale"], out[f"{name}/bias"] = weight, bias
+
+
+def _encoder(r, out, options, patch, prefix, names, attention):
+  """Every block `prefix<i>.`; sets options['variant'] from the shapes (its heads split q/k/v).
+
+  `names`: the torch modules of the two LayerNorms and the MLP's two Linears;
+  `attention(block prefix)` pops (q|k|v weight [3 D, D], its bias, out weight, out bias).
+  """
+  depth = _depth(r.state, prefix)
+  for i in range(depth):
+    b, p = _BLOCK.format(i), f"{prefix}{i}."
+    _norm(out, b + "LayerNorm_0", *r.pair(p + names[0]))
+    _norm(out, b + "LayerNorm_1", *r.pair(p + names[1]))
+    _linear(out, b + "MlpBlock_0/Dense_0", *r.pair(p + names[2]))
+    _linear(out, b + "MlpBlock_0/Dense_1", *r.pair(p + names[3]))
+  options["variant"] = _variant(out, patch, depth)
+  for i in range(depth):
+    _attention(out, i, *attention(f"{prefix}{i}."), _heads(options["variant"]))
 
 
 def _attention(out, i, qkv_w, qkv_b, proj_w, proj_b, heads):
@@ -110,34 +132,18 @@ def read_timm(state, gelu="erf", ln_eps=1e-6):
   if has_cls and options["fc_norm"]:
     raise errors.UserError("timm checkpoint pools its tokens (fc_norm) but has a class token: "
                            "pooling without the class token is not a stockpot variant")
-  patch = _patch_embedding(out, r.pop("patch_embed.proj.weight"), r.pop("patch_embed.proj.bias"))
+  patch = _patch_embedding(out, *r.pair("patch_embed.proj"))
   if has_cls:
     out["cls"] = r.pop("cls_token")
   _posemb(out, options, r.pop("pos_embed"), has_cls)
   if options["ln_pre"]:
-    _norm(out, "ln_pre", r.pop("norm_pre.weight"), r.pop("norm_pre.bias"))
-  depth = _depth(r.state, "blocks.")
-  blocks = {}
-  for i in range(depth):
-    p = f"blocks.{i}."
-    _norm(blocks, _BLOCK.format(i) + "LayerNorm_0", r.pop(p + "norm1.weight"),
-          r.pop(p + "norm1.bias"))
-    _norm(blocks, _BLOCK.format(i) + "LayerNorm_1", r.pop(p + "norm2.weight"),
-          r.pop(p + "norm2.bias"))
-    _linear(blocks, _BLOCK.format(i) + "MlpBlock_0/Dense_0", r.pop(p + "mlp.fc1.weight"),
-            r.pop(p + "mlp.fc1.bias"))
-    _linear(blocks, _BLOCK.format(i) + "MlpBlock_0/Dense_1", r.pop(p + "mlp.fc2.weight"),
-            r.pop(p + "mlp.fc2.bias"))
-  out.update(blocks)
-  options["variant"] = _variant(out, patch, depth)
-  for i in range(depth):
-    p = f"blocks.{i}.attn."
-    _attention(out, i, r.pop(p + "qkv.weight"), r.pop(p + "qkv.bias"), r.pop(p + "proj.weight"),
-               r.pop(p + "proj.bias"), _heads(options["variant"]))
+    _norm(out, "ln_pre", *r.pair("norm_pre"))
+  _encoder(r, out, options, patch, "blocks.", ("norm1", "norm2", "mlp.fc1", "mlp.fc2"),
+           lambda p: (*r.pair(p + "attn.qkv"), *r.pair(p + "attn.proj")))
   norm = "fc_norm" if options["fc_norm"] else "Transformer/encoder_norm"
   source = "fc_norm" if options["fc_norm"] else "norm"
-  _norm(out, norm, r.pop(f"{source}.weight"), r.pop(f"{source}.bias"))
-  _linear(out, "head", r.pop("head.weight"), r.pop("head.bias"))
+  _norm(out, norm, *r.pair(source))
+  _linear(out, "head", *r.pair("head"))
   r.done()
   return out, options
 
@@ -163,23 +169,12 @@ def read_open_clip(state, gelu="quick", ln_eps=1e-5):
   patch = _patch_embedding(out, r.pop("conv1.weight"), None)
   out["cls"] = r.pop("class_embedding").reshape(1, 1, -1)
   _posemb(out, options, r.pop("positional_embedding")[None], True)
-  _norm(out, "ln_pre", r.pop("ln_pre.weight"), r.pop("ln_pre.bias"))
-  depth = _depth(r.state, "transformer.resblocks.")
-  for i in range(depth):
-    p = f"transformer.resblocks.{i}."
-    _norm(out, _BLOCK.format(i) + "LayerNorm_0", r.pop(p + "ln_1.weight"), r.pop(p + "ln_1.bias"))
-    _norm(out, _BLOCK.format(i) + "LayerNorm_1", r.pop(p + "ln_2.weight"), r.pop(p + "ln_2.bias"))
-    _linear(out, _BLOCK.format(i) + "MlpBlock_0/Dense_0", r.pop(p + "mlp.c_fc.weight"),
-            r.pop(p + "mlp.c_fc.bias"))
-    _linear(out, _BLOCK.format(i) + "MlpBlock_0/Dense_1", r.pop(p + "mlp.c_proj.weight"),
-            r.pop(p + "mlp.c_proj.bias"))
-  options["variant"] = _variant(out, patch, depth)
-  for i in range(depth):
-    p = f"transformer.resblocks.{i}.attn."
-    _attention(out, i, r.pop(p + "in_proj_weight"), r.pop(p + "in_proj_bias"),
-               r.pop(p + "out_proj.weight"), r.pop(p + "out_proj.bias"),
-               _heads(options["variant"]))
-  _norm(out, "Transformer/encoder_norm", r.pop("ln_post.weight"), r.pop("ln_post.bias"))
+  _norm(out, "ln_pre", *r.pair("ln_pre"))
+  _encoder(r, out, options, patch, "transformer.resblocks.",
+           ("ln_1", "ln_2", "mlp.c_fc", "mlp.c_proj"),
+           lambda p: (r.pop(p + "attn.in_proj_weight"), r.pop(p + "attn.in_proj_bias"),
+                      *r.pair(p + "attn.out_proj")))
+  _norm(out, "Transformer/encoder_norm", *r.pair("ln_post"))
   if "proj" in r:
     out["proj/kernel"] = r.pop("proj")  # Used as x @ proj: already [in, out].
     options["proj_dim"] = out["proj/kernel"].shape[1]
@@ -212,31 +207,17 @@ def read_hf(state, gelu="erf", ln_eps=1e-12):
   r, out = _Reader({_hf_v5_key(k): v for k, v in state.items()}, "hf"), {}
   options = dict(gelu=gelu, ln_eps=ln_eps, pool_type="tok")
   e = "vit.embeddings."
-  patch = _patch_embedding(out, r.pop(e + "patch_embeddings.projection.weight"),
-                           r.pop(e + "patch_embeddings.projection.bias"))
+  patch = _patch_embedding(out, *r.pair(e + "patch_embeddings.projection"))
   out["cls"] = r.pop(e + "cls_token")
   _posemb(out, options, r.pop(e + "position_embeddings"), True)
-  depth = _depth(r.state, "vit.layers.")
-  for i in range(depth):
-    p = f"vit.layers.{i}."
-    _norm(out, _BLOCK.format(i) + "LayerNorm_0", r.pop(p + "layernorm_before.weight"),
-          r.pop(p + "layernorm_before.bias"))
-    _norm(out, _BLOCK.format(i) + "LayerNorm_1", r.pop(p + "layernorm_after.weight"),
-          r.pop(p + "layernorm_after.bias"))
-    _linear(out, _BLOCK.format(i) + "MlpBlock_0/Dense_0", r.pop(p + "mlp.fc1.weight"),
-            r.pop(p + "mlp.fc1.bias"))
-    _linear(out, _BLOCK.format(i) + "MlpBlock_0/Dense_1", r.pop(p + "mlp.fc2.weight"),
-            r.pop(p + "mlp.fc2.bias"))
-  options["variant"] = _variant(out, patch, depth)
-  for i in range(depth):
-    p = f"vit.layers.{i}.attention."
-    parts = [p + f"{n}_proj." for n in "qkv"]
-    _attention(out, i, np.concatenate([r.pop(k + "weight") for k in parts]),
-               np.concatenate([r.pop(k + "bias") for k in parts]),
-               r.pop(p + "o_proj.weight"), r.pop(p + "o_proj.bias"), _heads(options["variant"]))
-  _norm(out, "Transformer/encoder_norm", r.pop("vit.layernorm.weight"),
-        r.pop("vit.layernorm.bias"))
-  _linear(out, "head", r.pop("classifier.weight"), r.pop("classifier.bias"))
+  def attention(p):
+    q, k, v = (r.pair(f"{p}attention.{n}_proj") for n in "qkv")
+    return (np.concatenate([q[0], k[0], v[0]]), np.concatenate([q[1], k[1], v[1]]),
+            *r.pair(p + "attention.o_proj"))
+  _encoder(r, out, options, patch, "vit.layers.",
+           ("layernorm_before", "layernorm_after", "mlp.fc1", "mlp.fc2"), attention)
+  _norm(out, "Transformer/encoder_norm", *r.pair("vit.layernorm"))
+  _linear(out, "head", *r.pair("classifier"))
   r.done()
   return out, options
 
