@@ -42,6 +42,7 @@ def base_config():
   c.seed = 0
   c.total_steps = 1000
   c.batch_size = 128  # Global batch, split over every device of every process.
+  c.grad_accum_steps = 1  # Micro-batches per step whose gradients are averaged (memory).
   c.num_classes = 10
 
   c.input = ml_collections.ConfigDict()
@@ -59,7 +60,10 @@ def base_config():
   c.model.variant = "mu/4"
   c.model.pool_type = "gap"
   c.model.dropout = 0.0
-  c.model.dtype = "float32"  # Compute dtype; parameters stay float32.
+  c.model.dtype = "float32"  # Compute dtype (bfloat16 on accelerators); logits are float32.
+  c.model.param_dtype = "float32"  # Stored weights; the EMAs are float32 whatever it is.
+  c.model.remat = False  # Recompute each encoder block's activations in the backward pass.
+  c.model.scan_layers = False  # One scanned, stacked block: compiles in seconds at any depth.
   # SSF tuning (train/ssf.py): the backbone is frozen, learned per-channel scales and
   # shifts after every op and the head train; exports fold them into the weights.
   c.model.ssf = False

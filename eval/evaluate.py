@@ -11,7 +11,6 @@ from eval import weights as weights_lib
 from train import errors
 from train import run_dir
 from train import sharding
-from train import ssf
 from train import vit
 
 
@@ -25,7 +24,7 @@ def evaluate(weights, suite, config, batch_size=0, split=""):
   rules = config.param_sharding
   first = weights_lib.load(paths[0], mesh, rules)
   # An SSF run's checkpoints hold the SSF vectors, its exported .npz the merged plain ViT.
-  model = vit.build_model(ssf.model_config_for(config.model, first), config.num_classes)
+  model = vit.build_model(vit.config_for_weights(config.model, first), config.num_classes)
   evaluators = eval_lib.Evaluators(config, model, mesh,
                                    jax.tree.map(lambda a: a.sharding, first), batch_size)
   kind = "accuracy" if len(paths) == 1 else "ensemble"

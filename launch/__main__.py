@@ -4,6 +4,8 @@ r"""Expands a sweep into runs and launches them; `status` shows where they stand
       --sweep=configs/sweeps/fashion_mnist.py:init=runs/demo/pretrain/final/params.npz \
       --sweep_dir=runs/demo/sweep [--backend=local|slurm|tpu] [--parallel=2] [--dry_run]
   python -m launch status --sweep_dir=runs/demo/sweep
+  python -m launch plan --sweep=configs/sweeps/imagenet_vit_g.py --devices=256 \
+      --mesh="(('data',-1),('fsdp',16))" --accelerator=v4   # memory, FLOPs, hours (plan.py)
 
 Idempotent: finished runs are skipped, interrupted ones resume from their last
 checkpoint, and a grown grid adds runs without renaming the old ones.
@@ -16,13 +18,13 @@ from absl import flags
 
 from launch import backends
 from launch import launcher
+from launch import plan as plan_lib
 from launch import status
 from train import command
 from train import errors
 
 _SWEEP = flags.DEFINE_string("sweep", "", "Sweep config, configs/sweeps/<file>.py:<arg>.")
-_SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "Directory of the sweep's runs and manifest.",
-                                 required=True)
+_SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "Directory of the sweep's runs and manifest.")
 _BACKEND = flags.DEFINE_enum("backend", "local", backends.BACKENDS, "Where the runs execute.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print what would run; start nothing.")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "local: runs at a time.")
@@ -67,10 +69,15 @@ def launch():
 
 
 def main(argv):
+  if argv[1:] == ["plan"]:
+    plan_lib.main(_SWEEP.value)
+    return
+  if not _SWEEP_DIR.value:
+    raise app.UsageError("--sweep_dir is required")
   if argv[1:] == ["status"]:
     print(status.status_table(_SWEEP_DIR.value))
   elif len(argv) > 1:
-    raise app.UsageError(f"unknown command {argv[1:]}; the only command is 'status'")
+    raise app.UsageError(f"unknown command {argv[1:]}; the commands are 'status' and 'plan'")
   else:
     launch()
 

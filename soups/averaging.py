@@ -123,8 +123,18 @@ class RunningSum:
 
   def add_memory_analysis(self, abstract):
     """XLA's compiled memory analysis of one `add` step (per device)."""
-    return self._add.lower(self._total_abstract(), abstract,
-                           jnp.float32(1.0)).compile().memory_analysis()
+    return lowered_add(abstract).compile().memory_analysis()
+
+
+def lowered_add(abstract):
+  """The soup step's `add` (running sum += weight * ingredient) lowered for ingredients like
+  `abstract`, allocating nothing: launch/plan.py reads its memory and FLOPs."""
+  leaves, treedef = jax.tree.flatten(abstract)
+  add, _, _ = _steps(treedef, tuple(np.dtype(a.dtype) for a in leaves),
+                     tuple(a.sharding for a in leaves))
+  total = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, np.float32, sharding=a.sharding), abstract)
+  return add.lower(total, abstract, jax.ShapeDtypeStruct((), jnp.float32))
 
 
 def average(ingredients, restore, abstract, weights=None, ahead=1):

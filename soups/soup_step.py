@@ -38,7 +38,6 @@ from train import losses
 from train import pretrained
 from train import run_log
 from train import sharding
-from train import ssf
 from train import vit
 
 # Config keys that must agree between ingredients for their soup to mean anything.
@@ -86,7 +85,7 @@ class SoupSetup:
     self.abstract = restore_lib.target_abstract(self.shared_metadata, self.mesh)
     # SSF runs: their checkpoints hold the SSF vectors (soups of those are exported
     # merged), their final/*.npz the merged plain ViT (soups of merged weights).
-    self.model = vit.build_model(ssf.model_config_for(config.model, self.shared_metadata),
+    self.model = vit.build_model(vit.config_for_weights(config.model, self.shared_metadata),
                                  config.num_classes)
     self.loss_fn = losses.get(config.loss)
     self.evaluators = eval_lib.Evaluators(config, self.model, self.mesh,
@@ -226,7 +225,7 @@ def _save_weights(soup_dir, recipe, params):
     return
   host = sharding.to_host(params)
   if jax.process_index() == 0:
-    pretrained.save_npz(soup_dir_lib.weights_npz(soup_dir, recipe), ssf.merge(host))
+    pretrained.export_npz(soup_dir_lib.weights_npz(soup_dir, recipe), host)
   soup_dir_lib.save_orbax(soup_dir, recipe, params)
 
 

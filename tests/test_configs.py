@@ -17,6 +17,8 @@ from train import vit
 CONFIG_ARGS = {
     "fashion_mnist": ["", "stage=pretrain", "runlocal", "stage=pretrain,runlocal,variant=mu/4",
                       "init=pretrained.npz,variant=nano/4", "stage=linear_probe,init=p.npz"],
+    "imagenet": ["", "variant=B/16,res=384,init=augreg_b16.npz", "variant=G/14,res=518,fsdp=16",
+                 "variant=S/16,res=224,pool=gap"],
     "model_soups_clip_b32": ["", "data_dir=/data/tfds,heldout=train[:1%]"],
 }
 
@@ -48,14 +50,17 @@ def test_config_argument_errors():
   assert (parsed.variant, parsed.runlocal, parsed.steps) == ("B/16", True, 10)
 
 
-@pytest.mark.parametrize("arg,count,start", [
-    ("init=pretrained.npz", 12, "linear_probe"),
-    ("init=pretrained.npz,size=small,steps=40", 4, "linear_probe"),
-    ("init=pretrained.npz,regime=naive", 12, None),
-    ("init=pretrained.npz,ssf", 12, "linear_probe")])
-def test_sweep_configs_expand_into_valid_runs(arg, count, start):
-  spec = f"configs/sweeps/fashion_mnist.py:{arg}"
-  sweep = sweep_lib.load(os.path.join(REPO, spec.partition(":")[0]) + ":" + arg)
+@pytest.mark.parametrize("spec,arg,count,start", [
+    ("configs/sweeps/imagenet_vit_g.py", "init=g14.npz", 18, None),
+    ("configs/sweeps/imagenet_vit_g.py", "variant=B/16,res=384,fsdp=0", 18, None),
+    ("configs/sweeps/fashion_mnist.py", "init=pretrained.npz", 12, "linear_probe"),
+    ("configs/sweeps/fashion_mnist.py", "init=pretrained.npz,size=small,steps=40", 4,
+     "linear_probe"),
+    ("configs/sweeps/fashion_mnist.py", "init=pretrained.npz,regime=naive", 12, None),
+    ("configs/sweeps/fashion_mnist.py", "init=pretrained.npz,ssf", 12, "linear_probe")])
+def test_sweep_configs_expand_into_valid_runs(spec, arg, count, start):
+  sweep = sweep_lib.load(os.path.join(REPO, spec) + ":" + arg)
+  spec = f"{spec}:{arg}"
   start_run = sweep_lib.start_run(sweep, spec)
   assert (start_run and start_run.name) == start
   runs = sweep_lib.expand(sweep, spec, "sweep/linear_probe/final/params.npz" if start else "")

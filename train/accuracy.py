@@ -39,6 +39,28 @@ def accuracy_from_logits(logits, labels, mask):
   return float(np.sum(correct * mask) / np.sum(mask))
 
 
+def make_scored(model, class_subset=None):
+  """`(params, batch) -> (logits, labels)`, over `class_subset`'s classes when given."""
+  def scored(params, batch):
+    logits, labels = model.apply({"params": params}, batch["image"]), batch["labels"]
+    if class_subset is not None:
+      logits, labels = logits[:, class_subset], labels[:, class_subset]
+    return logits, labels
+  return scored
+
+
+def jit_eval_step(model, loss_fn, mesh, params_sharding, class_subset=None):
+  """The compiled evaluation step `(params, batch) -> masked sums` (launch/plan.py lowers it)."""
+  scored = make_scored(model, class_subset)
+
+  def batch_sums(params, batch):
+    logits, labels = scored(params, batch)
+    return masked_sums(logits, labels, batch["mask"], loss_fn)
+
+  return jax.jit(batch_sums, in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
+
+
 class SplitAccuracy:
   """`evaluate(params)` -> {'accuracy', 'loss', 'num_examples'} on one split."""
 
@@ -56,19 +78,8 @@ class SplitAccuracy:
     self.num_threads = num_threads
     self.batch_sharding = sharding.batch_sharding(mesh)
 
-    def scored(params, batch):
-      logits, labels = model.apply({"params": params}, batch["image"]), batch["labels"]
-      if class_subset is not None:
-        logits, labels = logits[:, class_subset], labels[:, class_subset]
-      return logits, labels
-
-    def batch_sums(params, batch):
-      logits, labels = scored(params, batch)
-      return masked_sums(logits, labels, batch["mask"], loss_fn)
-
-    self._batch_sums = jax.jit(
-        batch_sums, in_shardings=(params_sharding, self.batch_sharding),
-        out_shardings=sharding.replicated(mesh))
+    scored = make_scored(model, class_subset)
+    self._batch_sums = jit_eval_step(model, loss_fn, mesh, params_sharding, class_subset)
     self._scored = jax.jit(scored, in_shardings=(params_sharding, self.batch_sharding))
 
   def num_batches(self):

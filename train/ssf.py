@@ -13,7 +13,6 @@ import re
 
 import flax.linen as nn
 import jax
-import ml_collections
 
 from train import trees
 
@@ -81,14 +80,3 @@ def merge(params):
     merged[weight] = flat[weight] * scale
     merged[f"{module}/bias"] = flat[f"{module}/bias"] * scale + shift
   return trees.unflatten(merged)
-
-
-def model_config_for(model_config, params):
-  """`model_config` with `ssf` set to whether `params` (the weights to run) hold SSF vectors.
-
-  A run trained with SSF exports merged, plain weights: evaluating or souping
-  those needs the plain model, its checkpoints the SSF one.
-  """
-  adapted = ml_collections.ConfigDict(model_config.to_dict())
-  adapted.ssf = has_ssf(params)
-  return adapted

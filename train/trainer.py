@@ -38,10 +38,11 @@ from train import pretrained
 from train import run_dir
 from train import run_log
 from train import sharding
-from train import ssf
 from train import trainable as trainable_lib
 from train import trees
 from train import vit
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _check_config(config, builder):
@@ -68,6 +69,21 @@ def _check_config(config, builder):
     raise errors.UserError(f"config.final_eval_weights has {sorted(unknown)}; known: "
                            f"{checkpoint.WEIGHT_NAMES}")
   losses.get(config.loss)
+  for key in ("dtype", "param_dtype"):
+    if config.model[key] not in FLOAT_DTYPES:
+      raise errors.UserError(f"config.model.{key}={config.model[key]!r}; known: {FLOAT_DTYPES}")
+  _check_grad_accum(config)
+
+
+def _check_grad_accum(config):
+  accum, devices = config.grad_accum_steps, jax.device_count()
+  if accum < 1 or (accum > 1 and config.batch_size % (accum * devices)):
+    raise errors.UserError(
+        f"config.grad_accum_steps={accum} must be >= 1, and config.batch_size="
+        f"{config.batch_size} a multiple of it times the {devices} devices")
+  if accum > 1 and config.optimizer.sam_rho:
+    raise errors.UserError("config.optimizer.sam_rho with config.grad_accum_steps > 1: SAM's "
+                           "ascent step needs the whole batch's gradient; use one or the other")
 
 
 def _make_batch_mixer(config):
@@ -151,7 +167,8 @@ def _write_config(config, workdir):
 
 def state_from_params(params, tx):
   """The train state dict: weights, both EMAs (starting at the weights) and optimizer state."""
-  return {"params": params, "ema_low": params, "ema_high": params, "opt_state": tx.init(params)}
+  return {"params": params, "ema_low": ema.init(params), "ema_high": ema.init(params),
+          "opt_state": tx.init(params)}
 
 
 def _abstract_state(model, tx, image_shape):
@@ -175,25 +192,46 @@ def _fresh_state(model, tx, config, image_shape, state_shardings):
 
 
 def make_train_step(model, tx, loss_fn, label_smoothing, ema_decays, dropout_key,
-                    trainable_mask=None):
+                    trainable_mask=None, grad_accum_steps=1):
   """One optimizer step; the EMAs follow the updated weights.
 
   `trainable_mask` (train/trainable.py): frozen leaves get no gradient, so a
   linear probe's step runs no backward pass through the backbone.
+  `grad_accum_steps` = k: the batch is split into k micro-batches whose
+  gradients are averaged (in float32) before the one update, so a global batch
+  k times larger than memory allows trains as if it were one batch.
   """
+  def mean_loss(params, batch, rng):
+    params = trainable_lib.stop_frozen_gradients(params, trainable_mask)
+    logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
+    return jnp.mean(loss_fn(logits, losses.smooth_labels(batch["labels"], label_smoothing)))
+
+  def loss_and_grads(params, batch, rng):
+    if grad_accum_steps == 1:
+      return jax.value_and_grad(mean_loss)(params, batch, rng)
+    # Micro-batch i takes every k-th example from i: each device's shard of the batch
+    # holds its part of every micro-batch, so the split moves no data between devices.
+    micro = jax.tree.map(lambda x: jnp.swapaxes(
+        x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:]), 0, 1), batch)
+
+    def add_micro_batch(total, index_and_batch):
+      index, micro_batch = index_and_batch
+      loss, grads = jax.value_and_grad(mean_loss)(params, micro_batch,
+                                                  jax.random.fold_in(rng, index))
+      return jax.tree.map(lambda t, g: t + g.astype(jnp.float32), total, (loss, grads)), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), (jnp.zeros(()), params))
+    total, _ = jax.lax.scan(add_micro_batch, zeros, (jnp.arange(grad_accum_steps), micro))
+    loss, grads = jax.tree.map(lambda t: t / grad_accum_steps, total)
+    return loss, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
   def train_step(state, batch, step):
-    labels = losses.smooth_labels(batch["labels"], label_smoothing)
-
-    def mean_loss(params):
-      params = trainable_lib.stop_frozen_gradients(params, trainable_mask)
-      logits = model.apply({"params": params}, batch["image"], train=True,
-                           rngs={"dropout": jax.random.fold_in(dropout_key, step)})
-      return jnp.mean(loss_fn(logits, labels))
-
-    loss, grads = jax.value_and_grad(mean_loss)(state["params"])
+    rng = jax.random.fold_in(dropout_key, step)
+    loss, grads = loss_and_grads(state["params"], batch, rng)
     # grad_fn serves SAM's ascent step; other optimizers ignore it.
+    ascent_grads = lambda params, _: jax.grad(mean_loss)(params, batch, rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"],
-                                   grad_fn=lambda params, _: jax.grad(mean_loss)(params))
+                                   grad_fn=ascent_grads)
     params = optax.apply_updates(state["params"], updates)
     new_state = {"params": params, "opt_state": opt_state}
     for name, decay in ema_decays.items():
@@ -211,7 +249,8 @@ def jit_train_step(config, model, tx, mesh, state_shardings):
   """
   dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
   step = make_train_step(model, tx, losses.get(config.loss), config.label_smoothing,
-                         ema.decays(config.ema), dropout_key, trainable_lib.mask_fn(config))
+                         ema.decays(config.ema), dropout_key, trainable_lib.mask_fn(config),
+                         config.grad_accum_steps)
   return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh), None),
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
@@ -326,18 +365,17 @@ def train_and_evaluate(config, workdir):
 def _finish(config, workdir, state, evaluators, writer):
   """Exports every weight set as .npz and writes held-out/test accuracy to results.json.
 
-  SSF runs export merged weights: a plain ViT with the SSF vectors folded in.
+  Exports are plain big_vision ViTs (`pretrained.export_npz`): SSF vectors folded in,
+  a scanned encoder split back into its blocks.
   """
   results = {"step": config.total_steps, "heldout": {}, "test": {}}
   for name in config.final_eval_weights:
     results["heldout"][name] = evaluators["heldout_split"].evaluate(state[name])
     results["test"][name] = evaluators["test_split"].evaluate(state[name])
   weights = sharding.to_host({name: state[name] for name in checkpoint.WEIGHT_NAMES})
-  if config.model.ssf:
-    weights = {name: ssf.merge(params) for name, params in weights.items()}
   if jax.process_index() == 0:
     for name, params in weights.items():
-      pretrained.save_npz(run_dir.exported_weights(workdir, name), params)
+      pretrained.export_npz(run_dir.exported_weights(workdir, name), params)
     writer.write_scalars(config.total_steps, {
         f"{split}_accuracy/{name}": r["accuracy"]
         for split in ("heldout", "test") for name, r in results[split].items()})

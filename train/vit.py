@@ -11,10 +11,13 @@ import re
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from train import errors
+from train import layer_stack
 from train import ssf as ssf_lib
+from train import trees
 
 # Reference: Table 2 of arXiv 2106.04560 (as in big_vision), plus tiny
 # variants of our own for CPU tests and demos.
@@ -49,9 +52,10 @@ def decode_variant(variant):
               num_heads=_NUM_HEADS[size], patch_size=(patch, patch))
 
 
-def _layer_norm(name, x, dtype, ssf, eps=1e-6):
+def _layer_norm(name, x, dtype, param_dtype, ssf, eps=1e-6):
   """A LayerNorm named `name` (SSF-scaled and shifted when `ssf`), called from a compact method."""
-  return ssf_lib.after(name, nn.LayerNorm(epsilon=eps, dtype=dtype, name=name)(x), ssf)
+  norm = nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
+  return ssf_lib.after(name, norm(x), ssf)
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -63,6 +67,7 @@ class MultiHeadDotProductAttention(nn.Module):
   """
   num_heads: int
   dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
   ssf: bool = False
 
   @nn.compact
@@ -72,10 +77,10 @@ class MultiHeadDotProductAttention(nn.Module):
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
     head_dim = width // self.num_heads
     project = lambda name: ssf_lib.after(name, nn.DenseGeneral(  # pylint: disable=g-long-lambda
-        (self.num_heads, head_dim), dtype=self.dtype,
+        (self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=nn.initializers.xavier_uniform(), name=name)(x), self.ssf, channel_dims=2)
     y = jax.nn.dot_product_attention(project("query"), project("key"), project("value"))
-    y = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
+    y = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
                         kernel_init=nn.initializers.xavier_uniform(), name="out")(y)
     return ssf_lib.after("out", y, self.ssf)
 
@@ -85,60 +90,88 @@ class MlpBlock(nn.Module):
   mlp_dim: int
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
   ssf: bool = False
   gelu: str = "tanh"  # A key of GELUS.
 
   @nn.compact
   def __call__(self, x, train):
     inits = dict(kernel_init=nn.initializers.xavier_uniform(),
-                 bias_init=nn.initializers.normal(stddev=1e-6), dtype=self.dtype)
+                 bias_init=nn.initializers.normal(stddev=1e-6), dtype=self.dtype,
+                 param_dtype=self.param_dtype)
     y = ssf_lib.after("Dense_0", nn.Dense(self.mlp_dim, name="Dense_0", **inits)(x), self.ssf)
     y = nn.Dropout(rate=self.dropout)(GELUS[self.gelu](y), deterministic=not train)
     return ssf_lib.after("Dense_1", nn.Dense(x.shape[-1], name="Dense_1", **inits)(y), self.ssf)
 
 
 class Encoder1DBlock(nn.Module):
-  """Pre-norm transformer block: x + MHSA(LN(x)), then x + MLP(LN(x))."""
+  """Pre-norm transformer block: x + MHSA(LN(x)), then x + MLP(LN(x)).
+
+  `scanned`: returns `(x, None)`, the (carry, output) pair `nn.scan` expects.
+  """
   mlp_dim: int
   num_heads: int
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
   ssf: bool = False
   gelu: str = "tanh"
   ln_eps: float = 1e-6
+  scanned: bool = False
 
   @nn.compact
   def __call__(self, x, train):
-    y = _layer_norm("LayerNorm_0", x, self.dtype, self.ssf, self.ln_eps)
-    y = MultiHeadDotProductAttention(self.num_heads, self.dtype, self.ssf,
+    y = _layer_norm("LayerNorm_0", x, self.dtype, self.param_dtype, self.ssf, self.ln_eps)
+    y = MultiHeadDotProductAttention(self.num_heads, self.dtype, self.param_dtype, self.ssf,
                                      name="MultiHeadDotProductAttention_0")(y)
     x = x + nn.Dropout(rate=self.dropout)(y, deterministic=not train)
-    y = _layer_norm("LayerNorm_1", x, self.dtype, self.ssf, self.ln_eps)
-    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.ssf, self.gelu,
+    y = _layer_norm("LayerNorm_1", x, self.dtype, self.param_dtype, self.ssf, self.ln_eps)
+    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.param_dtype, self.ssf, self.gelu,
                  name="MlpBlock_0")(y, train)
-    return x + nn.Dropout(rate=self.dropout)(y, deterministic=not train)
+    x = x + nn.Dropout(rate=self.dropout)(y, deterministic=not train)
+    return (x, None) if self.scanned else x
 
 
 class Encoder(nn.Module):
-  """`depth` blocks named `encoderblock_{i}`, then `encoder_norm` (unless not `final_norm`)."""
+  """`depth` blocks named `encoderblock_{i}` (or one scanned `encoderblock`), then `encoder_norm`
+  (unless not `final_norm`).
+
+  `remat`: each block's activations are recomputed in the backward pass instead
+  of kept (memory for compute). `scan`: the blocks are one `nn.scan` over a
+  stacked block (parameters with a leading `depth` axis, see
+  train/layer_stack.py): one block to compile, whatever the depth.
+  """
   depth: int
   mlp_dim: int
   num_heads: int
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
   ssf: bool = False
+  remat: bool = False
+  scan: bool = False
   gelu: str = "tanh"
   ln_eps: float = 1e-6
   final_norm: bool = True
 
   @nn.compact
   def __call__(self, x, train):
-    for i in range(self.depth):
-      x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout, self.dtype, self.ssf,
-                         self.gelu, self.ln_eps, name=f"encoderblock_{i}")(x, train)
+    block = Encoder1DBlock
+    if self.remat:  # static_argnums counts self: `train` (argument 2) stays a Python bool.
+      block = nn.remat(block, prevent_cse=not self.scan, static_argnums=(2,))
+    settings = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
+                    dtype=self.dtype, param_dtype=self.param_dtype, ssf=self.ssf,
+                    gelu=self.gelu, ln_eps=self.ln_eps)
+    if self.scan:
+      scanned = nn.scan(block, variable_axes={"params": 0}, in_axes=nn.broadcast,
+                        split_rngs={"params": True, "dropout": True}, length=self.depth)
+      x, _ = scanned(scanned=True, name="encoderblock", **settings)(x, train)
+    else:
+      for i in range(self.depth):
+        x = block(name=f"encoderblock_{i}", **settings)(x, train)
     if not self.final_norm:
       return x
-    return _layer_norm("encoder_norm", x, self.dtype, self.ssf, self.ln_eps)
+    return _layer_norm("encoder_norm", x, self.dtype, self.param_dtype, self.ssf, self.ln_eps)
 
 
 class VisionTransformer(nn.Module):
@@ -151,8 +184,11 @@ class VisionTransformer(nn.Module):
   num_heads: int = 12
   pool_type: str = "gap"
   dropout: float = 0.0
-  dtype: jnp.dtype = jnp.float32
+  dtype: jnp.dtype = jnp.float32  # Compute dtype.
+  param_dtype: jnp.dtype = jnp.float32
   ssf: bool = False  # SSF vectors after every op (train/ssf.py).
+  remat: bool = False  # Rematerialise each encoder block (Encoder).
+  scan_layers: bool = False  # One scanned, stacked encoder block (Encoder).
   # Variants of PyTorch-trained ViTs (train/torch_layouts.py), each off by default.
   gelu: str = "tanh"  # A key of GELUS.
   ln_eps: float = 1e-6  # Every LayerNorm's epsilon (PyTorch's default: 1e-5).
@@ -167,47 +203,52 @@ class VisionTransformer(nn.Module):
     if self.pool_type not in POOL_TYPES:
       raise errors.UserError(f"Unknown pool_type {self.pool_type!r}; known: {POOL_TYPES}")
     x = nn.Conv(self.width, self.patch_size, strides=self.patch_size,
-                padding="VALID", dtype=self.dtype, name="embedding")(images)
+                padding="VALID", dtype=self.dtype, param_dtype=self.param_dtype,
+                name="embedding")(images)
     x = ssf_lib.after("embedding", x, self.ssf)
     n, h, w, c = x.shape
     x = x.reshape(n, h * w, c)
     tokens = h * w + (self.pool_type == "tok" and self.posemb_cls)
     posemb = self.param("pos_embedding",
-                        nn.initializers.normal(stddev=1 / np.sqrt(c)), (1, tokens, c))
+                        nn.initializers.normal(stddev=1 / np.sqrt(c)), (1, tokens, c),
+                        self.param_dtype)
     if not self.posemb_cls:
       x = x + posemb.astype(x.dtype)  # Position embedding first, then the class token.
     if self.pool_type == "tok":
-      cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, c), self.param_dtype)
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (n, 1, 1)), x], axis=1)
     if self.posemb_cls:
       x = x + posemb.astype(x.dtype)
     if self.ln_pre:
-      x = _layer_norm("ln_pre", x, self.dtype, self.ssf, self.ln_eps)
+      x = _layer_norm("ln_pre", x, self.dtype, self.param_dtype, self.ssf, self.ln_eps)
     x = nn.Dropout(rate=self.dropout)(x, deterministic=not train)
-    x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout, self.dtype, self.ssf,
-                self.gelu, self.ln_eps, final_norm=not self.fc_norm, name="Transformer")(x, train)
+    x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout, self.dtype,
+                self.param_dtype, self.ssf, self.remat, self.scan_layers, self.gelu, self.ln_eps,
+                final_norm=not self.fc_norm, name="Transformer")(x, train)
     x = x[:, 0] if self.pool_type == "tok" else x.mean(axis=1)
     if self.fc_norm:
-      x = _layer_norm("fc_norm", x, self.dtype, self.ssf, self.ln_eps)
+      x = _layer_norm("fc_norm", x, self.dtype, self.param_dtype, self.ssf, self.ln_eps)
     if self.proj_dim:
-      x = nn.Dense(self.proj_dim, use_bias=False, dtype=self.dtype, name="proj")(x)
+      x = nn.Dense(self.proj_dim, use_bias=False, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name="proj")(x)
     if self.normalize_features:
       x = x / jnp.linalg.norm(x, axis=-1, keepdims=True)
     logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
-                      dtype=self.dtype, name="head")(x)
+                      dtype=self.dtype, param_dtype=self.param_dtype, name="head")(x)
     return logits.astype(jnp.float32)
 
 
 def build_model(model_config, num_classes):
-  """Builds the ViT that `model_config` (variant, pool_type, dropout, dtype, ssf, ...) names.
-
-  The PyTorch-interop keys (`VARIANT_KEYS`) are optional: older run configs lack them.
-  """
+  """Builds the ViT that `model_config` (variant, pool_type, dropout, dtypes, ssf, remat,
+  scan_layers, ...) names; keys that runs of earlier versions lack take their defaults,
+  the PyTorch-interop keys (`VARIANT_KEYS`) included."""
   if model_config.get("gelu", "tanh") not in GELUS:
     raise errors.UserError(f"Unknown model.gelu {model_config.gelu!r}; known: {list(GELUS)}")
   return VisionTransformer(
       num_classes=num_classes, pool_type=model_config.pool_type,
-      dropout=model_config.dropout, dtype=jnp.dtype(model_config.dtype), ssf=model_config.ssf,
+      dropout=model_config.dropout, dtype=jnp.dtype(model_config.dtype),
+      param_dtype=jnp.dtype(model_config.get("param_dtype", "float32")), ssf=model_config.ssf,
+      remat=model_config.get("remat", False), scan_layers=model_config.get("scan_layers", False),
       **{k: model_config[k] for k in VARIANT_KEYS if k in model_config},
       **decode_variant(model_config.variant))
 
@@ -215,3 +256,16 @@ def build_model(model_config, num_classes):
 # Model config keys of PyTorch-trained ViTs' variants (VisionTransformer's fields of the same name).
 VARIANT_KEYS = ("gelu", "ln_eps", "posemb_cls", "ln_pre", "fc_norm", "proj_dim",
                 "normalize_features")
+
+
+def config_for_weights(model_config, params):
+  """`model_config` with `ssf` and `scan_layers` set to fit `params`, the weights to run.
+
+  A run trained with SSF exports merged, plain weights, and a scanned run
+  exports big_vision's per-block layout: evaluating or souping those needs the
+  plain, unscanned model; its checkpoints need the model it trained.
+  """
+  adapted = ml_collections.ConfigDict(model_config.to_dict())
+  adapted.ssf = ssf_lib.has_ssf(params)
+  adapted.scan_layers = layer_stack.is_stacked(trees.flatten(params))
+  return adapted
