@@ -151,6 +151,21 @@ def test_trainer_adopts_the_converted_architecture_and_loads_it_as_model_init(tm
                              _reference(out)["logits"], atol=1e-4, rtol=0)
 
 
+
+def test_converted_clip_model_loads_into_a_scanned_rematerialised_model(tmp_path):
+  out = str(tmp_path / "torch_open_clip.npz")
+  convert.to_npz(_fixture("open_clip"), out, common.base_config())
+  config = common.base_config()
+  config.model.update(scan_layers=True, remat=True)
+  pretrained.adopt_architecture(config.model, out)
+  model = vit.build_model(config.model, 5)
+  images = _reference(out)["images"]
+  init = model.init(jax.random.key(0), images[:1])["params"]
+  loaded = pretrained.load_pretrained(init, out)  # Stacked: one `encoderblock`.
+  assert "encoderblock" in loaded["Transformer"]
+  np.testing.assert_allclose(np.asarray(model.apply({"params": loaded}, images)),
+                             _reference(out)["logits"], atol=1e-4, rtol=0)
+
 def test_model_soups_reproduction_config_takes_the_converted_clip_model(tmp_path):
   clip = model_soups_clip_b32.get_config("data_dir=/data/tfds")
   preprocess.parse(pp_spec.resolve(clip, "pp_eval"))
