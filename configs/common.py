@@ -67,6 +67,14 @@ def base_config():
   # SSF tuning (train/ssf.py): the backbone is frozen, learned per-channel scales and
   # shifts after every op and the head train; exports fold them into the weights.
   c.model.ssf = False
+  # Variants of PyTorch-trained ViTs; `python -m train.convert` sets them (docs/interop.md).
+  c.model.gelu = "tanh"  # MLP activation: 'tanh' (big_vision), 'erf' (timm, HF), 'quick' (CLIP).
+  c.model.ln_eps = 1e-6  # LayerNorm epsilon (open_clip: 1e-5, HF: 1e-12).
+  c.model.posemb_cls = False  # pos_embedding has the class token's entry, added after it.
+  c.model.ln_pre = False  # CLIP's LayerNorm before the encoder.
+  c.model.fc_norm = False  # timm's avg-pool LayerNorm after pooling (and no encoder_norm).
+  c.model.proj_dim = 0  # CLIP's bias-free projection before the head; 0: none.
+  c.model.normalize_features = False  # Unit-norm features before the head (model-soups).
 
   # Regexes (fullmatch) of the parameter paths that train; the rest are frozen (a linear
   # probe: ('head/.*',)). Within SSF's own set when model.ssf is on.

@@ -6,6 +6,7 @@ As a config file: `--config=eval/run_config.py:runs/x/config.json` (python
 """
 
 import json
+import os
 
 from etils import epath
 import ml_collections
@@ -54,8 +55,11 @@ def load(path):
 def find(weights_path):
   """<run>/config.json of weights at <run>/final/<name>.npz or <run>/checkpoints/<step>/<name>.
 
-  Returns None when the weights are not inside a run directory.
+  Or <stem>.config.json next to <stem>.npz (a converted checkpoint). Returns
+  None when there is neither.
   """
+  if os.path.isfile(run_dir.sibling_config(weights_path)):
+    return run_dir.sibling_config(weights_path)
   workdir = run_dir.containing(weights_path)
   return run_dir.config_path(workdir) if workdir else None
 

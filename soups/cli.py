@@ -17,7 +17,11 @@ SWEEP_DIR = flags.DEFINE_string("sweep_dir", "",
                                 "A sweep directory (its manifest.json lists the runs).")
 INGREDIENTS = flags.DEFINE_list(
     "ingredients", [],
-    "Run directories, orbax item directories or .npz files (instead of --sweep_dir).")
+    "Run directories, orbax item directories, .npz files or PyTorch checkpoints (.safetensors, "
+    ".pt: timm, open_clip / model-soups, Hugging Face; converted as read) instead of --sweep_dir.")
+INGREDIENT_CONFIG = flags.DEFINE_string(
+    "ingredient_config", "", "The run config (.json, e.g. `python -m train.convert`'s "
+    "<stem>.config.json) of --ingredients files that have none next to them.")
 WEIGHTS = flags.DEFINE_enum("weights", "ema_low", checkpoint.WEIGHT_NAMES,
                             "Which weight set of each run to soup (the paper uses the low EMA).")
 SOUP_DIR = flags.DEFINE_string("soup_dir", "",
@@ -33,7 +37,8 @@ def ingredients_and_soup_dir():
   if SWEEP_DIR.value:
     ingredients = ingredients_lib.from_sweep(SWEEP_DIR.value, WEIGHTS.value)
   else:
-    ingredients = ingredients_lib.from_paths(INGREDIENTS.value, WEIGHTS.value)
+    ingredients = ingredients_lib.from_paths(INGREDIENTS.value, WEIGHTS.value,
+                                             INGREDIENT_CONFIG.value)
   soup_step.shared_config(ingredients)  # Runs that disagree are refused before any read.
   return ingredients, SOUP_DIR.value or os.path.join(SWEEP_DIR.value, "soups", WEIGHTS.value)
 

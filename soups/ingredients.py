@@ -1,8 +1,10 @@
 """Soup ingredients: where each weight set (`params`, `ema_low`, `ema_high`) lives, and its tree.
 
 An ingredient is the orbax item of a finished run's last checkpoint
-(`<run>/checkpoints/<last step>/<weights>`), an orbax item directory, or a
-big_vision `.npz`. Before any averaging, `check_compatible` compares every
+(`<run>/checkpoints/<last step>/<weights>`), an orbax item directory, a
+big_vision `.npz`, or a PyTorch checkpoint (timm, open_clip / model-soups, Hugging
+Face `.safetensors` or `.pt`), converted to big_vision's tree as it is read
+(train/torch_files.py). Before any averaging, `check_compatible` compares every
 ingredient's tree, shapes and dtypes from metadata alone. Reading one into
 the soup's shardings is soups/restore.py's job.
 """
@@ -18,6 +20,7 @@ from train import checkpoint
 from train import errors
 from train import npz
 from train import run_dir as run_dir_lib
+from train import torch_files
 from train import trees
 
 
@@ -29,20 +32,31 @@ class Ingredient:
     name: unique, readable (the run's name).
     path: an orbax item directory or an `.npz` file.
     run_dir: the run that produced it (holds config.json), or '' if unknown.
+    config_file: its run config when not a run's: <stem>.config.json next to a
+      converted checkpoint, or `python -m soups --ingredient_config`; or ''.
   """
   name: str
   path: str
   run_dir: str = ""
+  config_file: str = ""
 
   @property
   def is_npz(self):
     return self.path.endswith(".npz")
 
+  @property
+  def is_torch(self):
+    return torch_files.is_torch_checkpoint(self.path)
+
+  @property
+  def has_config(self):
+    return bool(self.run_dir or self.config_file)
+
   def config(self):
-    """The producing run's resolved config, or None when the run is unknown."""
-    if not self.run_dir:
+    """The producing run's resolved config (or `config_file`), or None when neither is known."""
+    if not self.has_config:
       return None
-    return run_config.load(run_dir_lib.config_path(self.run_dir))
+    return run_config.load(self.config_file or run_dir_lib.config_path(self.run_dir))
 
 
 def _run_ingredient(run_dir, weights, name=None):
@@ -68,17 +82,27 @@ def from_sweep(sweep_dir, weights):
           for name, workdir in manifest_lib.finished_runs(sweep_dir)]
 
 
-def from_paths(paths, weights):
-  """Ingredients from run directories, orbax item directories or `.npz` files."""
+def _sibling_config(path):
+  config = run_dir_lib.sibling_config(path)
+  return config if os.path.isfile(config) else ""
+
+
+def from_paths(paths, weights, default_config=""):
+  """Ingredients from run directories, orbax item directories, `.npz` or PyTorch files.
+
+  A file outside a run takes its run config from <stem>.config.json next to
+  it, else from `default_config` (a run's config.json), if given.
+  """
   ingredients = []
   for path in paths:
-    if path.endswith(".npz"):
+    if path.endswith(".npz") or torch_files.is_torch_checkpoint(path):
       if not os.path.exists(path):
         raise FileNotFoundError(f"ingredient {path} does not exist")
-      run_dir = run_dir_lib.exporting_run(path) or ""
+      run_dir = (run_dir_lib.exporting_run(path) or "") if path.endswith(".npz") else ""
       ingredients.append(Ingredient(
-          os.path.basename(run_dir) if run_dir else os.path.basename(path)[:-4],
-          os.path.abspath(path), run_dir))
+          os.path.basename(run_dir) if run_dir else os.path.splitext(os.path.basename(path))[0],
+          os.path.abspath(path), run_dir,
+          "" if run_dir else _sibling_config(path) or default_config))
     elif run_dir_lib.is_run(path):
       ingredients.append(_run_ingredient(path, weights))
     elif os.path.isdir(path):
@@ -86,7 +110,8 @@ def from_paths(paths, weights):
                                     os.path.abspath(path)))
     else:
       raise FileNotFoundError(f"ingredient {path} is neither a run directory, an orbax "
-                              "checkpoint directory nor an .npz file")
+                              "checkpoint directory, an .npz file nor a PyTorch checkpoint "
+                              "(.safetensors, .pt, .pth, .bin)")
   names = [i.name for i in ingredients]
   duplicates = sorted({n for n in names if names.count(n) > 1})
   if duplicates:
@@ -97,6 +122,9 @@ def from_paths(paths, weights):
 
 def metadata(ingredient):
   """{'/'-joined parameter path: (shape, dtype)} of an ingredient, read from metadata only."""
+  if ingredient.is_torch:  # Converted whole: its tree is known only once converted.
+    params, _ = torch_files.convert(ingredient.path)
+    return {k: (tuple(v.shape), v.dtype) for k, v in params.items()}
   if ingredient.is_npz:
     try:
       return npz.metadata(ingredient.path)

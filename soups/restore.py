@@ -16,6 +16,7 @@ from train import checkpoint
 from train import errors
 from train import npz
 from train import sharding
+from train import torch_files
 from train import trees
 
 # Every leaf split over all devices where a dimension divides; tiny leaves replicated.
@@ -42,6 +43,20 @@ def _put(array, leaf_sharding):
   return jax.make_array_from_callback(array.shape, leaf_sharding, lambda index: array[index])
 
 
+def _place(arrays, leaves):
+  """{key: array} pairs from `arrays`, each placed in its leaf's sharding as soon as it comes."""
+  placed = {}
+  for key, array in arrays:
+    leaf = leaves[key]
+    native = np.dtype(leaf.dtype).newbyteorder("=")
+    if array.shape != tuple(leaf.shape) or array.dtype != native:
+      raise errors.UserError(f"parameter {key!r} has shape {array.shape} dtype {array.dtype}, "
+                             f"expected {tuple(leaf.shape)} {leaf.dtype}")
+    placed[key] = _put(array, leaf.sharding)
+    del array
+  return trees.unflatten(placed)
+
+
 def _restore_npz(ingredient, abstract):
   """Every leaf of an `.npz`, in file order, placed as soon as it is read.
 
@@ -50,20 +65,22 @@ def _restore_npz(ingredient, abstract):
   (see `npz.mapped_arrays`).
   """
   leaves = dict(trees.flatten(abstract))
-  placed = {}
   try:
-    for key, array in npz.mapped_arrays(ingredient.path, leaves):
-      leaf = leaves[key]
-      native = np.dtype(leaf.dtype).newbyteorder("=")
-      if array.shape != tuple(leaf.shape) or array.dtype != native:
-        raise errors.UserError(f"parameter {key!r} has shape {array.shape} dtype {array.dtype}, "
-                               f"expected {tuple(leaf.shape)} {leaf.dtype}")
-      placed[key] = _put(array, leaf.sharding)
-      del array
+    return _place(npz.mapped_arrays(ingredient.path, leaves), leaves)
   except npz.READ_ERRORS as e:
     raise errors.UserError(
         f"ingredient {ingredient.name}: cannot read {ingredient.path}: {e}") from e
-  return trees.unflatten(placed)
+
+
+def _restore_torch(ingredient, abstract):
+  """A PyTorch checkpoint converted on the host (one ingredient at a time), then placed."""
+  leaves = dict(trees.flatten(abstract))
+  params, _ = torch_files.convert(ingredient.path)
+  unknown = sorted(set(params) - set(leaves))
+  if unknown:
+    raise errors.UserError(f"ingredient {ingredient.name} ({ingredient.path}) has parameters the "
+                           f"other ingredients lack: {unknown[:5]}")
+  return _place(params.items(), leaves)
 
 
 def _malloc_trim():
@@ -106,6 +123,8 @@ def _restore_orbax(ingredient, abstract):
 
 def restore(ingredient, abstract):
   """Reads one ingredient into the shardings of `abstract`; errors name the ingredient."""
+  if ingredient.is_torch:
+    return _restore_torch(ingredient, abstract)
   if ingredient.is_npz:
     return _restore_npz(ingredient, abstract)
   return _restore_orbax(ingredient, abstract)

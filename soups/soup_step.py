@@ -54,10 +54,11 @@ def _get(config, dotted):
 
 def shared_config(ingredients):
   """The run config the soup evaluates with; runs that disagree on SHARED_KEYS are refused."""
-  with_runs = [i for i in ingredients if i.run_dir]
+  with_runs = [i for i in ingredients if i.has_config]
   if not with_runs:
-    raise errors.UserError("no ingredient comes from a run directory (with config.json): the soup "
-                     "step needs one to know the model and the data")
+    raise errors.UserError("no ingredient comes from a run directory (with config.json) or has a "
+                           "<stem>.config.json: the soup step needs one to know the model and the "
+                           "data (for PyTorch checkpoints: --ingredient_config, docs/interop.md)")
   reference = with_runs[0].config()
   for ingredient in with_runs[1:]:
     config = ingredient.config()

@@ -19,6 +19,7 @@ CONFIG_ARGS = {
                       "init=pretrained.npz,variant=nano/4", "stage=linear_probe,init=p.npz"],
     "imagenet": ["", "variant=B/16,res=384,init=augreg_b16.npz", "variant=G/14,res=518,fsdp=16",
                  "variant=S/16,res=224,pool=gap"],
+    "model_soups_clip_b32": ["", "data_dir=/data/tfds,heldout=train[:1%]"],
 }
 
 

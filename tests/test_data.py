@@ -109,3 +109,10 @@ def test_unknown_pp_op_lists_the_known_ones():
     preprocess.build("decode|flip_up")
   with pytest.raises(ValueError, match="arguments must be literals"):
     preprocess.build("resize(size)")
+
+
+def test_normalize_scales_each_channel_by_its_mean_and_std():
+  op = preprocess.build("value_range(0, 1)|normalize((0.5, 0.25, 0.0), (0.5, 0.25, 2.0))")
+  image = np.full((1, 1, 3), 255, np.uint8)
+  out = op({"image": image}, np.zeros(2, np.int64))["image"].numpy()
+  np.testing.assert_allclose(out[0, 0], [1.0, 3.0, 0.5])

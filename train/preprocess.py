@@ -109,6 +109,14 @@ def value_range(vmin, vmax, in_min=0.0, in_max=255.0, key="image"):
   return op
 
 
+def normalize(mean, std, key="image"):
+  """(x - mean) / std per channel, after value_range(0, 1): CLIP's and timm's input scaling."""
+  def op(example, seed):
+    del seed
+    return {**example, key: (tf.cast(example[key], tf.float32) - mean) / std}
+  return op
+
+
 def onehot(depth, key="label", key_result="labels", on=1.0, off=0.0):
   """Integer label -> float32 one-hot vector of `depth` classes in `key_result`."""
   def op(example, seed):
@@ -126,6 +134,7 @@ OPS = {
     "flip_lr": flip_lr,
     "randaug": randaug,
     "value_range": value_range,
+    "normalize": normalize,
     "onehot": onehot,
 }
 

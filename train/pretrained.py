@@ -8,6 +8,8 @@ differs, and anything else that does not fit is an error naming the key.
 """
 
 import io
+import json
+import os
 import re
 import zipfile
 
@@ -20,8 +22,10 @@ from train import errors
 from train import files
 from train import layer_stack
 from train import npz
+from train import run_dir
 from train import ssf
 from train import trees
+from train import vit
 
 HEAD_KEYS = ("head/kernel", "head/bias")
 
@@ -81,15 +85,16 @@ def resample_posemb(old, new_shape, what="pos_embedding"):
   return grid.reshape(new_shape).astype(old.dtype)
 
 
-def _split_class_token_posemb(restored):
+def _split_class_token_posemb(restored, model_shape):
   """Older ViTs store the class token's position embedding as entry 0.
 
   Keep it: our ViT adds position embeddings before prepending the class token,
   so the class token's entry is folded into `cls` (identical function) and
-  the remaining grid is what gets resampled.
+  the remaining grid is what gets resampled. A model with `posemb_cls` takes
+  it as it is.
   """
   posemb = restored.get("pos_embedding")
-  if posemb is None or posemb.ndim != 3:
+  if posemb is None or posemb.ndim != 3 or tuple(posemb.shape) == model_shape:
     return restored
   n = posemb.shape[1]
   side = int(round(np.sqrt(n - 1)))
@@ -107,6 +112,24 @@ def _rename_legacy_keys(restored):
       restored = dict(restored)
       restored["pos_embedding"] = restored.pop(legacy)
   return restored
+
+
+def adopt_architecture(model_config, path):
+  """Sets `model_config`'s architecture keys to those recorded next to a converted `.npz`.
+
+  `python -m train.convert` writes <stem>.config.json; its variant, pool type
+  and PyTorch-variant keys (vit.VARIANT_KEYS) are what the weights need.
+  Returns {key: value} of the keys changed; {} when there is no such file.
+  """
+  sibling = path and run_dir.sibling_config(path)
+  if not sibling or not os.path.isfile(sibling):
+    return {}
+  with open(sibling) as f:
+    recorded = json.load(f).get("model", {})
+  changed = {k: recorded[k] for k in ("variant", "pool_type") + vit.VARIANT_KEYS
+             if k in recorded and model_config.get(k) != recorded[k]}
+  model_config.update(changed)
+  return changed
 
 
 def _matches(key, patterns):
@@ -132,7 +155,8 @@ def load_pretrained(init_params, path, dont_load=(), ignore=()):
   # Matched in big_vision's per-block layout, whichever layout the model and file use.
   stacked = layer_stack.is_stacked(trees.flatten(init_params))
   model_flat = layer_stack.unstack(trees.flatten(init_params))
-  restored = _split_class_token_posemb(_rename_legacy_keys(layer_stack.unstack(load_npz(path))))
+  restored = _split_class_token_posemb(_rename_legacy_keys(layer_stack.unstack(load_npz(path))),
+                                       tuple(getattr(model_flat.get("pos_embedding"), "shape", ())))
   extra = sorted(k for k in restored if k not in model_flat and not _matches(k, ignore))
   # SSF vectors start at the identity unless the checkpoint has them (train/ssf.py).
   dont_load = tuple(re.escape(k) for k in model_flat

@@ -24,6 +24,7 @@ from etils import epath
 from train import files
 
 CONFIG = "config.json"
+SIBLING_CONFIG = ".config.json"
 INIT = "init.json"
 RESULTS = "results.json"
 METRICS = "metrics.jsonl"
@@ -89,6 +90,11 @@ def exporting_run(npz_path):
   """The run that exported `npz_path` as <run>/final/<name>.npz (a run two levels up), or None."""
   run = os.path.dirname(os.path.dirname(os.path.abspath(npz_path)))
   return run if is_run(run) else None
+
+
+def sibling_config(weights_path):
+  """<stem>.config.json next to weights <stem>.<ext> (what `python -m train.convert` writes)."""
+  return os.path.splitext(os.path.abspath(weights_path.rstrip("/")))[0] + SIBLING_CONFIG
 
 
 def containing(weights_path):

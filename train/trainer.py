@@ -271,6 +271,9 @@ def train_and_evaluate(config, workdir):
   """Trains (or resumes) the run described by `config` in `workdir`; returns results."""
   workdir = os.path.abspath(workdir)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  for key, value in pretrained.adopt_architecture(config.model, config.model_init).items():
+    _say(f"model.{key}={value!r}, as {run_dir.sibling_config(config.model_init)} records for "
+         "config.model_init")
   builder = data.dataset_builder(config.input.dataset, config.input.data_dir)
   _check_config(config, builder)
   data.check_heldout_split(builder, config.input.train_split, config.input.heldout_split,

@@ -35,6 +35,10 @@ _NUM_HEADS = {"mu": 2, "pico": 2, "nano": 4,
               "g": 16, "G": 16, "e": 16}
 VARIANTS = tuple(_WIDTH)
 POOL_TYPES = ("gap", "tok")
+# The MLP's activation: flax's tanh-approximate GELU (big_vision), the exact erf GELU
+# (timm, Hugging Face), or CLIP's QuickGELU x * sigmoid(1.702 x) (OpenAI weights).
+GELUS = {"tanh": nn.gelu, "erf": lambda x: nn.gelu(x, approximate=False),
+         "quick": lambda x: x * nn.sigmoid(1.702 * x)}
 
 
 def decode_variant(variant):
@@ -48,9 +52,9 @@ def decode_variant(variant):
               num_heads=_NUM_HEADS[size], patch_size=(patch, patch))
 
 
-def _layer_norm(name, x, dtype, param_dtype, ssf):
+def _layer_norm(name, x, dtype, param_dtype, ssf, eps=1e-6):
   """A LayerNorm named `name` (SSF-scaled and shifted when `ssf`), called from a compact method."""
-  norm = nn.LayerNorm(dtype=dtype, param_dtype=param_dtype, name=name)
+  norm = nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
   return ssf_lib.after(name, norm(x), ssf)
 
 
@@ -88,6 +92,7 @@ class MlpBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   ssf: bool = False
+  gelu: str = "tanh"  # A key of GELUS.
 
   @nn.compact
   def __call__(self, x, train):
@@ -95,7 +100,7 @@ class MlpBlock(nn.Module):
                  bias_init=nn.initializers.normal(stddev=1e-6), dtype=self.dtype,
                  param_dtype=self.param_dtype)
     y = ssf_lib.after("Dense_0", nn.Dense(self.mlp_dim, name="Dense_0", **inits)(x), self.ssf)
-    y = nn.Dropout(rate=self.dropout)(nn.gelu(y), deterministic=not train)
+    y = nn.Dropout(rate=self.dropout)(GELUS[self.gelu](y), deterministic=not train)
     return ssf_lib.after("Dense_1", nn.Dense(x.shape[-1], name="Dense_1", **inits)(y), self.ssf)
 
 
@@ -110,23 +115,26 @@ class Encoder1DBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   ssf: bool = False
+  gelu: str = "tanh"
+  ln_eps: float = 1e-6
   scanned: bool = False
 
   @nn.compact
   def __call__(self, x, train):
-    y = _layer_norm("LayerNorm_0", x, self.dtype, self.param_dtype, self.ssf)
+    y = _layer_norm("LayerNorm_0", x, self.dtype, self.param_dtype, self.ssf, self.ln_eps)
     y = MultiHeadDotProductAttention(self.num_heads, self.dtype, self.param_dtype, self.ssf,
                                      name="MultiHeadDotProductAttention_0")(y)
     x = x + nn.Dropout(rate=self.dropout)(y, deterministic=not train)
-    y = _layer_norm("LayerNorm_1", x, self.dtype, self.param_dtype, self.ssf)
-    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.param_dtype, self.ssf,
+    y = _layer_norm("LayerNorm_1", x, self.dtype, self.param_dtype, self.ssf, self.ln_eps)
+    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.param_dtype, self.ssf, self.gelu,
                  name="MlpBlock_0")(y, train)
     x = x + nn.Dropout(rate=self.dropout)(y, deterministic=not train)
     return (x, None) if self.scanned else x
 
 
 class Encoder(nn.Module):
-  """`depth` blocks named `encoderblock_{i}` (or one scanned `encoderblock`), then `encoder_norm`.
+  """`depth` blocks named `encoderblock_{i}` (or one scanned `encoderblock`), then `encoder_norm`
+  (unless not `final_norm`).
 
   `remat`: each block's activations are recomputed in the backward pass instead
   of kept (memory for compute). `scan`: the blocks are one `nn.scan` over a
@@ -142,6 +150,9 @@ class Encoder(nn.Module):
   ssf: bool = False
   remat: bool = False
   scan: bool = False
+  gelu: str = "tanh"
+  ln_eps: float = 1e-6
+  final_norm: bool = True
 
   @nn.compact
   def __call__(self, x, train):
@@ -149,7 +160,8 @@ class Encoder(nn.Module):
     if self.remat:  # static_argnums counts self: `train` (argument 2) stays a Python bool.
       block = nn.remat(block, prevent_cse=not self.scan, static_argnums=(2,))
     settings = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
-                    dtype=self.dtype, param_dtype=self.param_dtype, ssf=self.ssf)
+                    dtype=self.dtype, param_dtype=self.param_dtype, ssf=self.ssf,
+                    gelu=self.gelu, ln_eps=self.ln_eps)
     if self.scan:
       scanned = nn.scan(block, variable_axes={"params": 0}, in_axes=nn.broadcast,
                         split_rngs={"params": True, "dropout": True}, length=self.depth)
@@ -157,7 +169,9 @@ class Encoder(nn.Module):
     else:
       for i in range(self.depth):
         x = block(name=f"encoderblock_{i}", **settings)(x, train)
-    return _layer_norm("encoder_norm", x, self.dtype, self.param_dtype, self.ssf)
+    if not self.final_norm:
+      return x
+    return _layer_norm("encoder_norm", x, self.dtype, self.param_dtype, self.ssf, self.ln_eps)
 
 
 class VisionTransformer(nn.Module):
@@ -175,6 +189,14 @@ class VisionTransformer(nn.Module):
   ssf: bool = False  # SSF vectors after every op (train/ssf.py).
   remat: bool = False  # Rematerialise each encoder block (Encoder).
   scan_layers: bool = False  # One scanned, stacked encoder block (Encoder).
+  # Variants of PyTorch-trained ViTs (train/torch_layouts.py), each off by default.
+  gelu: str = "tanh"  # A key of GELUS.
+  ln_eps: float = 1e-6  # Every LayerNorm's epsilon (PyTorch's default: 1e-5).
+  posemb_cls: bool = False  # pos_embedding covers the class token too, added after it.
+  ln_pre: bool = False  # CLIP's LayerNorm `ln_pre` before the encoder.
+  fc_norm: bool = False  # timm's avg pool: LayerNorm `fc_norm` after pooling, no encoder_norm.
+  proj_dim: int = 0  # CLIP's bias-free projection `proj` before the head; 0: none.
+  normalize_features: bool = False  # Unit-norm features before the head (model-soups).
 
   @nn.compact
   def __call__(self, images, train=False):
@@ -186,18 +208,31 @@ class VisionTransformer(nn.Module):
     x = ssf_lib.after("embedding", x, self.ssf)
     n, h, w, c = x.shape
     x = x.reshape(n, h * w, c)
+    tokens = h * w + (self.pool_type == "tok" and self.posemb_cls)
     posemb = self.param("pos_embedding",
-                        nn.initializers.normal(stddev=1 / np.sqrt(c)), (1, h * w, c),
+                        nn.initializers.normal(stddev=1 / np.sqrt(c)), (1, tokens, c),
                         self.param_dtype)
-    x = x + posemb.astype(x.dtype)  # Position embedding first, then the class token.
+    if not self.posemb_cls:
+      x = x + posemb.astype(x.dtype)  # Position embedding first, then the class token.
     if self.pool_type == "tok":
       cls = self.param("cls", nn.initializers.zeros, (1, 1, c), self.param_dtype)
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (n, 1, 1)), x], axis=1)
+    if self.posemb_cls:
+      x = x + posemb.astype(x.dtype)
+    if self.ln_pre:
+      x = _layer_norm("ln_pre", x, self.dtype, self.param_dtype, self.ssf, self.ln_eps)
     x = nn.Dropout(rate=self.dropout)(x, deterministic=not train)
     x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout, self.dtype,
-                self.param_dtype, self.ssf, self.remat, self.scan_layers,
-                name="Transformer")(x, train)
+                self.param_dtype, self.ssf, self.remat, self.scan_layers, self.gelu, self.ln_eps,
+                final_norm=not self.fc_norm, name="Transformer")(x, train)
     x = x[:, 0] if self.pool_type == "tok" else x.mean(axis=1)
+    if self.fc_norm:
+      x = _layer_norm("fc_norm", x, self.dtype, self.param_dtype, self.ssf, self.ln_eps)
+    if self.proj_dim:
+      x = nn.Dense(self.proj_dim, use_bias=False, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name="proj")(x)
+    if self.normalize_features:
+      x = x / jnp.linalg.norm(x, axis=-1, keepdims=True)
     logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
                       dtype=self.dtype, param_dtype=self.param_dtype, name="head")(x)
     return logits.astype(jnp.float32)
@@ -205,13 +240,22 @@ class VisionTransformer(nn.Module):
 
 def build_model(model_config, num_classes):
   """Builds the ViT that `model_config` (variant, pool_type, dropout, dtypes, ssf, remat,
-  scan_layers) names; keys that runs of earlier versions lack take their defaults."""
+  scan_layers, ...) names; keys that runs of earlier versions lack take their defaults,
+  the PyTorch-interop keys (`VARIANT_KEYS`) included."""
+  if model_config.get("gelu", "tanh") not in GELUS:
+    raise errors.UserError(f"Unknown model.gelu {model_config.gelu!r}; known: {list(GELUS)}")
   return VisionTransformer(
       num_classes=num_classes, pool_type=model_config.pool_type,
       dropout=model_config.dropout, dtype=jnp.dtype(model_config.dtype),
       param_dtype=jnp.dtype(model_config.get("param_dtype", "float32")), ssf=model_config.ssf,
       remat=model_config.get("remat", False), scan_layers=model_config.get("scan_layers", False),
+      **{k: model_config[k] for k in VARIANT_KEYS if k in model_config},
       **decode_variant(model_config.variant))
+
+
+# Model config keys of PyTorch-trained ViTs' variants (VisionTransformer's fields of the same name).
+VARIANT_KEYS = ("gelu", "ln_eps", "posemb_cls", "ln_pre", "fc_norm", "proj_dim",
+                "normalize_features")
 
 
 def config_for_weights(model_config, params):
