@@ -7,8 +7,8 @@ Data: TFDS `imagenet2012` (prepare it in array_record format: `tfds build
 imagenet2012 --file_format=array_record` with the archives in TFDS's manual
 dir). Held-out: the last 2% of the training split (the paper's "ImageNet2p",
 which ranks runs and cooks greedy soups; the trainer checks it is disjoint
-from train and test). Test: `validation`. Shifts: `--shift_suite=imagenet_shifts`
-of `python -m eval` / `python -m soups` (ImageNet-V2, -R, -Sketch, -A).
+from train and test). Test: `validation`. Shifts: `imagenet_shifts` (ImageNet-V2,
+-R, -Sketch, -A: `python -m eval --suite=`, `python -m soups --shift_suite=`).
 
 Pre-processing is big_vision's for ImageNet fine-tuning: an Inception crop at
 `res` (its minimum area a grid knob, `aug.crop_min_area`) and a random flip

@@ -72,15 +72,18 @@ def parse_bytes(text):
 
 
 def use_fake_devices(count):
-  """Makes JAX see `count` CPU devices; must run before JAX starts its backend."""
+  """Makes JAX see `count` CPU devices; must run before JAX starts its backend (a backend
+  already started with `count` devices is used as it is)."""
   os.environ["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
                                    os.environ.get("XLA_FLAGS", ""))  # Read when the backend starts.
   try:
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", count)
   except RuntimeError as e:  # The backend is up: its device count is fixed.
-    raise errors.UserError(f"JAX already started its backend; run `python -m launch plan` in "
-                           f"its own process to plan for {count} devices") from e
+    if jax.device_count() != count:
+      raise errors.UserError(f"JAX already started its backend with {jax.device_count()} "
+                             f"devices; run `python -m launch plan` in its own process to plan "
+                             f"for {count}") from e
   if jax.device_count() != count:
     raise errors.UserError(f"JAX sees {jax.device_count()} devices, not {count}")
 

@@ -60,6 +60,9 @@ def test_plan_memory_is_the_arithmetic_of_parameter_optimizer_and_ema_bytes():
   for name in ("params", "ema_low", "ema_high"):
     assert fsdp.state_bytes[name] == sharded, name
   assert 2 * sharded <= fsdp.state_bytes["opt_state"] <= 2 * sharded + 64
+  # XLA's memory analysis is one device's: the sharded state and an eighth of the batch.
+  state = sum(fsdp.state_bytes.values())
+  assert state <= fsdp.train.argument_bytes <= state + 64 * (28 * 28 + 5) * F32 // 8 + 1024
 
 
 def test_scanned_and_rematerialised_plans_count_the_models_flops_and_need_less_memory():
@@ -96,6 +99,13 @@ def test_device_memory_sizes_parse(text, expected):
 def test_a_bad_device_memory_is_named():
   with pytest.raises(ValueError, match=r"--device_memory='32 GiBs': expected a size like 32GiB"):
     plan_lib.parse_bytes("32 GiBs")
+
+
+def test_fake_devices_are_refused_once_jax_started_with_another_count():
+  """tests/conftest.py started JAX with 8 CPU devices: a plan for 8 goes on, for 256 cannot."""
+  plan_lib.use_fake_devices(8)
+  with pytest.raises(ValueError, match=r"already started its backend with 8 devices; .* for 256"):
+    plan_lib.use_fake_devices(256)
 
 
 def test_imagenet_config_holds_out_2_percent_of_train_disjoint_from_train_and_test():
