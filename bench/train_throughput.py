@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from bench import train_step
+from bench.flops import model_flops
 from configs import fashion_mnist
 from train import files
 from train import vit
@@ -62,18 +63,6 @@ _PEER_PYTHON = flags.DEFINE_string("peer_python", ".venv-bench/bin/python",
                                    "Python of the venv holding torch and timm.")
 _MATMUL = flags.DEFINE_integer("matmul_size", 2048, "N of the N x N x N matmul.")
 _OUT = flags.DEFINE_string("out", "", "Where to write the JSON results.")
-
-
-def model_flops(variant, image_size, channels, num_classes, batch_size):
-  """FLOPs (2 per multiply-add) of one training step: matmuls, patch embedding and attention."""
-  v = vit.decode_variant(variant)
-  patch, width = v["patch_size"][0], v["width"]
-  tokens = (image_size // patch) ** 2
-  embed = 2 * tokens * patch * patch * channels * width
-  block = (2 * tokens * width * (4 * width + 2 * v["mlp_dim"])  # q, k, v, out; MLP.
-           + 4 * tokens * tokens * width)  # Scores and their average of the values.
-  forward = embed + v["depth"] * block + 2 * width * num_classes
-  return batch_size * (3 * forward - embed)  # Backward is 2x forward; images need no gradient.
 
 
 def stockpot_config(variant, spec):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from bench import train_throughput
+from bench import flops
 from configs import fashion_mnist
 from configs import imagenet
 from configs.sweeps import imagenet_vit_g
@@ -49,7 +49,7 @@ def test_plan_memory_is_the_arithmetic_of_parameter_optimizer_and_ema_bytes():
   train = replicated.train
   assert train.argument_bytes >= sum(replicated.state_bytes.values())
   assert train.alias_bytes >= 0.99 * sum(replicated.state_bytes.values())  # Donated state.
-  analytic = train_throughput.model_flops("mu/8", 28, 1, 5, 64) / 8
+  analytic = flops.model_flops("mu/8", 28, 1, 5, 64) / 8
   assert analytic <= train.flops <= 1.3 * analytic  # XLA also counts elementwise ops.
 
   fsdp = plan_lib.plan_run(_config(**{"optimizer.name": "adam",
