@@ -74,8 +74,13 @@ def parse_bytes(text):
 def use_fake_devices(count):
   """Makes JAX see `count` CPU devices; must run before JAX starts its backend (a backend
   already started with `count` devices is used as it is)."""
-  os.environ["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                                   os.environ.get("XLA_FLAGS", ""))  # Read when the backend starts.
+  # XLA reads XLA_FLAGS when the backend starts: a device count there would override ours.
+  others = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                  os.environ.get("XLA_FLAGS", "")).strip()
+  if others:
+    os.environ["XLA_FLAGS"] = others
+  else:
+    os.environ.pop("XLA_FLAGS", None)
   try:
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", count)

@@ -1,5 +1,6 @@
 """The pod plan (`python -m launch plan`) and the ImageNet configs it plans."""
 
+import os
 import types
 
 import jax
@@ -101,9 +102,11 @@ def test_a_bad_device_memory_is_named():
     plan_lib.parse_bytes("32 GiBs")
 
 
-def test_fake_devices_are_refused_once_jax_started_with_another_count():
+def test_fake_devices_are_refused_once_jax_started_with_another_count(monkeypatch):
   """tests/conftest.py started JAX with 8 CPU devices: a plan for 8 goes on, for 256 cannot."""
+  monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"])  # Restored for later subprocesses.
   plan_lib.use_fake_devices(8)
+  assert "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   with pytest.raises(ValueError, match=r"already started its backend with 8 devices; .* for 256"):
     plan_lib.use_fake_devices(256)
 

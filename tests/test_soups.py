@@ -163,7 +163,6 @@ def test_greedy_soup_is_at_least_the_best_ingredient_on_heldout(cooked):
   assert results["wise_ft"]["points"][-1]["test_acc"] == pytest.approx(soups["greedy"]["test_acc"])
 
 
-@pytest.mark.slow
 def test_greedy_ensemble_search_keeps_a_candidate_only_if_the_mean_logits_do_not_lose():
   """Three members on 4 examples (labels 0, 1, 2, 0): 'a' is right on 2; adding 'b' makes the
   sum right on all 4, 'c' (confidently wrong on example 1) would drop it to 3: skipped."""
@@ -178,6 +177,7 @@ def test_greedy_ensemble_search_keeps_a_candidate_only_if_the_mean_logits_do_not
       ("a", "add", 0.5), ("b", "add", 1.0), ("c", "skip", 0.75)]
 
 
+@pytest.mark.slow
 def test_greedy_ensemble_is_chosen_on_heldout_and_scored_as_its_members_logits(
     cooked, finetuned_runs):
   """The greedy ensemble starts from the best run on held-out, keeps a candidate only when the
@@ -243,6 +243,7 @@ def test_every_recipe_cooks_on_real_runs_and_is_reported(cooked, finetuned_runs,
     assert f"| {name} | {len(soup['ingredients'])} |" in report, name
 
 
+@pytest.mark.slow
 def test_greedy_resume_early_abort_and_test_split_independence(cooked, finetuned_runs, tmp_path):
   soup_dir, results = cooked
   full = _journal(soup_dir)
