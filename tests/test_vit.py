@@ -6,6 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import fashion_mnist
+from train import ema
+from train import losses
+from train import optimizer
+from train import trainer
 from train import trees
 from train import vit
 
@@ -79,6 +84,7 @@ def test_attention_equals_flax_multi_head_attention():
   np.testing.assert_allclose(ours.apply(params, x), reference.apply(params, x), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_dropout_only_in_training():
   model = vit.VisionTransformer(num_classes=3, dropout=0.5, **vit.decode_variant("mu/4"))
   images = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
@@ -91,3 +97,58 @@ def test_dropout_only_in_training():
                                    rngs={"dropout": jax.random.key(seed)})
   assert not np.allclose(train(0), evaluate())
   assert not np.allclose(train(0), train(1))
+
+
+def _strided_convolution(width, patch_size, dtype, param_dtype, name):
+  """The patch embedding before vit.PatchEmbedding: one strided convolution, for comparison."""
+  return nn.Conv(width, patch_size, strides=patch_size, padding="VALID", dtype=dtype,
+                 param_dtype=param_dtype, name=name)
+
+
+def _init_logits_and_one_step(images, labels):
+  """pico/7's init, logits and one trainer step (SGD, clipping, both EMAs) on `images`."""
+  config = fashion_mnist.get_config("variant=pico/7")
+  config.schedule.warmup_steps = 0  # The first step moves the weights.
+  model = vit.build_model(config.model, 10)
+  params = trees.flatten(model.init(jax.random.key(1), images)["params"])
+  init = dict(params)
+  params["head/kernel"] = jax.random.normal(jax.random.key(2), params["head/kernel"].shape)
+  params = trees.unflatten(params)
+  tx, _ = optimizer.make_optimizer(config)
+  step = jax.jit(trainer.make_train_step(model, tx, losses.get(config.loss), 0.0,
+                                         ema.decays(config.ema), jax.random.key(3)))
+  state, _ = step(trainer.state_from_params(params, tx), {"image": images, "labels": labels}, 0)
+  return init, model.apply({"params": params}, images), jax.device_get(state)
+
+
+@pytest.mark.slow
+def test_patch_embedding_as_a_matmul_equals_the_strided_convolution(monkeypatch):
+  # 30 x 29 pixels in 7 x 7 patches: 4 x 4 patches, the pixels past them dropped as VALID does.
+  images = jax.random.normal(jax.random.key(0), (4, 30, 29, 3))
+  labels = jax.nn.one_hot(jnp.arange(4) % 10, 10)
+  init, logits, state = _init_logits_and_one_step(images, labels)
+  monkeypatch.setattr(vit, "PatchEmbedding", _strided_convolution)
+  conv_init, conv_logits, conv_state = _init_logits_and_one_step(images, labels)
+  assert init.keys() == conv_init.keys()
+  for key in init:
+    np.testing.assert_array_equal(init[key], conv_init[key], err_msg=key)
+  np.testing.assert_allclose(logits, conv_logits, rtol=1e-5, atol=1e-5)
+  assert np.abs(logits).max() > 0.1
+  for name in ("params", "ema_low", "ema_high"):
+    for key, value in trees.flatten(state[name]).items():
+      np.testing.assert_allclose(value, trees.flatten(conv_state[name])[key], rtol=1e-5,
+                                 atol=1e-6, err_msg=f"{name} {key}")
+  moved = trees.flatten(state["params"])["embedding/kernel"] - init["embedding/kernel"]
+  assert np.abs(moved).max() > 1e-4  # The step reached the patch embedding.
+
+
+def test_patch_embedding_takes_rectangular_patches_and_compute_dtypes():
+  images = jax.random.normal(jax.random.key(0), (2, 7, 9, 2))
+  for dtype in (jnp.float32, jnp.bfloat16):
+    matmul = vit.PatchEmbedding(5, (3, 2), dtype, jnp.float32)
+    params = matmul.init(jax.random.key(1), images)
+    conv = _strided_convolution(5, (3, 2), dtype, jnp.float32, None)
+    got, expected = matmul.apply(params, images), conv.apply(params, images)
+    assert got.shape == expected.shape == (2, 2, 4, 5) and got.dtype == expected.dtype == dtype
+    np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32),
+                               rtol=2e-2 if dtype == jnp.bfloat16 else 1e-5, atol=1e-2)

@@ -58,6 +58,32 @@ def _layer_norm(name, x, dtype, param_dtype, ssf, eps=1e-6):
   return ssf_lib.after(name, norm(x), ssf)
 
 
+class PatchEmbedding(nn.Module):
+  """`nn.Conv(width, patch_size, strides=patch_size, padding="VALID")`'s parameters and
+  result, computed as a reshape of the image into patches and one matmul.
+
+  Same `kernel` [ph, pw, channels, width] and `bias` (and their init) as the
+  convolution, so checkpoints are unchanged; the matmul's forward and backward
+  are cheaper than the strided convolution's on CPU (docs/benchmarks.md).
+  """
+  width: int
+  patch_size: tuple
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    (ph, pw), (n, h, w, c) = self.patch_size, images.shape
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (ph, pw, c, self.width),
+                        self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (self.width,), self.param_dtype)
+    rows, cols = h // ph, w // pw  # VALID: pixels past the last whole patch are dropped.
+    patches = images[:, :rows * ph, :cols * pw].reshape(n, rows, ph, cols, pw, c)
+    patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(n, rows, cols, ph * pw * c)
+    patches, kernel, bias = nn.dtypes.promote_dtype(patches, kernel, bias, dtype=self.dtype)
+    return patches @ kernel.reshape(ph * pw * c, self.width) + bias
+
+
 class MultiHeadDotProductAttention(nn.Module):
   """Self-attention with flax's `MultiHeadDotProductAttention` parameter names.
 
@@ -202,9 +228,8 @@ class VisionTransformer(nn.Module):
   def __call__(self, images, train=False):
     if self.pool_type not in POOL_TYPES:
       raise errors.UserError(f"Unknown pool_type {self.pool_type!r}; known: {POOL_TYPES}")
-    x = nn.Conv(self.width, self.patch_size, strides=self.patch_size,
-                padding="VALID", dtype=self.dtype, param_dtype=self.param_dtype,
-                name="embedding")(images)
+    x = PatchEmbedding(self.width, self.patch_size, self.dtype, self.param_dtype,
+                       name="embedding")(images)
     x = ssf_lib.after("embedding", x, self.ssf)
     n, h, w, c = x.shape
     x = x.reshape(n, h * w, c)
