@@ -9,17 +9,38 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from configs import fashion_mnist
 from train import optimizer
 from train import sharding
 from train import trainer
 from train import vit
 
+# The benchmarked ViTs: variant -> input, classes, batch, and `steps` per timed round
+# (a round of about a second or more).
+MODELS = {
+    "pico/7": dict(image_size=28, channels=1, num_classes=10, batch_size=128, steps=50),
+    "S/16": dict(image_size=224, channels=3, num_classes=1000, batch_size=16, steps=2),
+    "B/16": dict(image_size=224, channels=3, num_classes=1000, batch_size=8, steps=1),
+}
+
+
+def benchmark_config(variant, spec):
+  """configs/fashion_mnist.py's fine-tuning config with the benchmark's model, classes and batch."""
+  config = fashion_mnist.get_config(f"variant={variant}")
+  config.num_classes = spec["num_classes"]
+  config.batch_size = spec["batch_size"]
+  if config.optimizer.name != "sgd" or config.optimizer.weight_decay or config.label_smoothing:
+    raise ValueError("the timm peer mirrors SGD without weight decay or label smoothing; "
+                     f"configs/fashion_mnist.py now asks for {config.optimizer.name}")
+  return config
+
 
 class TrainStep:
   """`train.trainer.jit_train_step` for `config` on a fixed random batch of `image_shape`.
 
-  `time(n)` runs n steps and returns their seconds; `compile_s` and
-  `xla_flops` (XLA's cost analysis of the step) are measured once, here.
+  `time(n)` runs n steps and returns their seconds; `compile_s`, `xla_flops`
+  (XLA's cost analysis of the step) and `hlo_text` (the compiled module) are
+  taken once, here.
   """
 
   def __init__(self, config, image_shape):
@@ -42,6 +63,7 @@ class TrainStep:
         self._state, self._batch, jnp.int32(0)).compile()
     self.compile_s = time.perf_counter() - start
     self.xla_flops = self._step.cost_analysis()["flops"]
+    self.hlo_text = self._step.as_text()
     self._count = 0
     self.time(2)  # Warm-up.
 

@@ -1,7 +1,8 @@
 r"""Training-step throughput on this machine: stockpot's jitted step against timm on PyTorch.
 
-For each ViT (S/16 at 224x224x3 with 1000 classes; the default pico/7 at
-28x28x1 with 10 classes), one fixed batch of random images is trained on by
+For each ViT of bench/train_step.py's MODELS (the default pico/7 at 28x28x1
+with 10 classes; S/16 and B/16 at 224x224x3 with 1000 classes), one fixed
+batch of random images is trained on by
   stockpot       `train.trainer.jit_train_step`, the step `python -m train` runs
                  (bench/train_step.py),
                  with configs/fashion_mnist.py's fine-tuning optimizer (SGD with
@@ -45,35 +46,19 @@ import jax.numpy as jnp
 
 from bench import train_step
 from bench.flops import model_flops
-from configs import fashion_mnist
 from train import files
 from train import vit
 
-# variant -> input and batch; `steps` per round keeps a round at about a second or more.
-MODELS = {
-    "pico/7": dict(image_size=28, channels=1, num_classes=10, batch_size=128, steps=50),
-    "S/16": dict(image_size=224, channels=3, num_classes=1000, batch_size=16, steps=2),
-}
 PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_peer.py")
 
-_MODELS = flags.DEFINE_list("models", list(MODELS), f"ViT variants to time, of {list(MODELS)}.")
+_MODELS = flags.DEFINE_list("models", list(train_step.MODELS),
+                            f"ViT variants to time, of {list(train_step.MODELS)}.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds per side.")
 _COMPILE = flags.DEFINE_bool("torch_compile", True, "Also time the torch.compile'd peer.")
 _PEER_PYTHON = flags.DEFINE_string("peer_python", ".venv-bench/bin/python",
                                    "Python of the venv holding torch and timm.")
 _MATMUL = flags.DEFINE_integer("matmul_size", 2048, "N of the N x N x N matmul.")
 _OUT = flags.DEFINE_string("out", "", "Where to write the JSON results.")
-
-
-def stockpot_config(variant, spec):
-  """The fashion_mnist fine-tuning config with the benchmark's model, classes and batch."""
-  config = fashion_mnist.get_config(f"variant={variant}")
-  config.num_classes = spec["num_classes"]
-  config.batch_size = spec["batch_size"]
-  if config.optimizer.name != "sgd" or config.optimizer.weight_decay or config.label_smoothing:
-    raise ValueError("the timm peer mirrors SGD without weight decay or label smoothing; "
-                     f"configs/fashion_mnist.py now asks for {config.optimizer.name}")
-  return config
 
 
 class TorchPeer:
@@ -130,8 +115,8 @@ def jax_matmul_flops_per_s(n, repeats=5):
 
 def benchmark(variant):
   """Times every side on `variant`, taking turns; returns the model's results dict."""
-  spec = MODELS[variant]
-  config = stockpot_config(variant, spec)
+  spec = train_step.MODELS[variant]
+  config = train_step.benchmark_config(variant, spec)
   sides = {"stockpot": train_step.TrainStep(
       config, (spec["image_size"], spec["image_size"], spec["channels"]))}
   print(f"[{variant}] stockpot step compiled in {sides['stockpot'].compile_s:.1f}s", flush=True)
@@ -200,9 +185,9 @@ def cpu_name():
 def main(argv):
   del argv
   tf_setup.hide_gpus_from_tensorflow()
-  unknown = set(_MODELS.value) - set(MODELS)
+  unknown = set(_MODELS.value) - set(train_step.MODELS)
   if unknown:
-    raise app.UsageError(f"--models has {sorted(unknown)}; known: {list(MODELS)}")
+    raise app.UsageError(f"--models has {sorted(unknown)}; known: {list(train_step.MODELS)}")
   if not os.access(_PEER_PYTHON.value, os.X_OK):
     raise app.UsageError(f"--peer_python={_PEER_PYTHON.value} is not there: "
                          "make .venv-bench/.installed")

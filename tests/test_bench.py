@@ -30,3 +30,20 @@ def test_soup_step_bench_measures_every_kind_for_every_format(tmp_path):
     # ingredients): the raw read holds one 16 MiB chunk (about 50 MB in all), stockpot
     # the JAX runtime.
     assert row["raw"]["peak_rss_mb"] < min(120, row["stockpot"]["peak_rss_mb"] / 2), row
+
+
+@pytest.mark.slow
+def test_step_profile_names_every_part_of_the_vit_and_adds_up(tmp_path):
+  out = tmp_path / "profile.json"
+  run_module("bench.profile_step", "--variant=pico/7", "--steps=2", f"--out={out}", timeout=600)
+  result = json.loads(out.read_text())
+  rows = {(row["part"], row["pass"]): row for row in result["rows"]}
+  for part in ("MLP Dense_0, Dense_1 (matmul, bias)", "attention scores, softmax, values",
+               "attention query/key/value/out (matmul, bias)", "LayerNorms"):
+    for direction in ("forward", "backward"):
+      assert rows[part, direction]["ms_per_step"] > 0, (part, direction)
+  assert rows["patch embedding", "forward"]["ms_per_step"] > 0
+  assert rows["loss, optimizer, EMAs, norms", ""]["ms_per_step"] > 0
+  assert sum(row["share"] for row in result["rows"]) == pytest.approx(1.0, abs=1e-6)
+  assert sum(row["ms_per_step"] for row in result["rows"]) == pytest.approx(
+      result["traced_ms_per_step"], rel=1e-6)
