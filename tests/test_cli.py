@@ -95,6 +95,7 @@ MISTAKES = [
 
 @pytest.mark.parametrize("module,args,expected", [m[1:] for m in MISTAKES],
                          ids=[m[0] for m in MISTAKES])
+@pytest.mark.slow
 def test_a_user_mistake_is_one_fatal_line_and_exit_status_2(request, tmp_path, module, args,
                                                             expected):
   runs_dir = request.getfixturevalue("runs") if module == "soups" else ""
@@ -104,6 +105,7 @@ def test_a_user_mistake_is_one_fatal_line_and_exit_status_2(request, tmp_path, m
   assert os.listdir(tmp_path) == []  # Refused before anything is written.
 
 
+@pytest.mark.slow
 def test_a_soup_shows_its_progress_and_no_library_info_lines(tmp_path, data_dir):
   """`python -m soups` on two small runs: a line per ingredient evaluated and per greedy
   candidate, each with its count, bar and ETA, and per recipe; JAX's backend probe ('Unable to

@@ -111,6 +111,7 @@ def test_pickled_checkpoint_without_torch_says_what_to_do(tmp_path):
     torch_files.convert(str(path))
 
 
+@pytest.mark.slow
 def test_soup_of_safetensors_ingredients_is_their_converted_mean(tmp_path):
   config = common.base_config()  # Fashion-MNIST as the fixtures' 32x32 RGB, 5 classes.
   config.input.classes = (0, 1, 2, 3, 4)
@@ -135,6 +136,7 @@ def test_soup_of_safetensors_ingredients_is_their_converted_mean(tmp_path):
     np.testing.assert_allclose(value, (first[key] + second[key]) / 2, atol=1e-6, err_msg=key)
 
 
+@pytest.mark.slow
 def test_trainer_adopts_the_converted_architecture_and_loads_it_as_model_init(tmp_path):
   out = str(tmp_path / "torch_hf.npz")
   convert.to_npz(_fixture("hf"), out, common.base_config())
@@ -152,6 +154,7 @@ def test_trainer_adopts_the_converted_architecture_and_loads_it_as_model_init(tm
 
 
 
+@pytest.mark.slow
 def test_converted_clip_model_loads_into_a_scanned_rematerialised_model(tmp_path):
   out = str(tmp_path / "torch_open_clip.npz")
   convert.to_npz(_fixture("open_clip"), out, common.base_config())

@@ -38,6 +38,7 @@ from train import vit
 
 
 @pytest.mark.parametrize("batch_size", [64, 300])
+@pytest.mark.slow
 def test_accuracy_counts_each_example_once_for_any_batch_size(data_dir, tmp_path, batch_size):
   config = stored_run_config(tmp_path, **{"input.data_dir": data_dir, "input.test_split": "test[:300]"})
   model, evaluators, (params,) = eval_setup(config, batch_size=batch_size)
@@ -250,6 +251,7 @@ def _imagenet_config(tmp_path, data_dir):
       "input.pp_eval": "decode|resize(16)|value_range(-1, 1)|onehot({num_classes})"})
 
 
+@pytest.mark.slow
 def test_imagenet_shifts_score_r_and_a_over_their_classes_only(imagenet_standins, tmp_path):
   config = _imagenet_config(tmp_path, imagenet_standins)
   model, evaluators, (params,) = eval_setup(config, (16, 16, 3), batch_size=16, seeds=(3,))
@@ -313,6 +315,7 @@ def test_weights_load_npz_and_orbax_onto_the_mesh_and_name_bad_files(tmp_path):
     weights_lib.load(str(tmp_path / "empty"), mesh, rules)
 
 
+@pytest.mark.slow
 def test_weights_that_do_not_fit_the_model_are_named(data_dir, tmp_path):
   config = stored_run_config(tmp_path, **{"input.data_dir": data_dir})
   other = vit.build_model(fashion_mnist.get_config("variant=pico/4").model, config.num_classes)

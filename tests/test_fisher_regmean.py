@@ -152,6 +152,7 @@ def _vit_ingredients(tmp_path, batches_seed):
   return model, flat_trees, ingredients, abstract, _on_mesh(_host_batches(batches_seed), mesh)
 
 
+@pytest.mark.slow
 def test_fisher_merge_is_the_weighted_mean_of_each_ingredients_fisher_and_scores_it(tmp_path):
   """The streamed merge equals the formula on each ingredient's held-out Fisher, and the
   accuracy it records is the ingredient's plain evaluation."""
@@ -266,6 +267,7 @@ def test_regmean_input_dims_no_example_reaches_are_the_uniform_mean(tmp_path):
   assert np.all(np.isfinite(got))
 
 
+@pytest.mark.slow
 def test_regmean_on_the_vit_merges_every_dense_kernel_and_means_the_rest(tmp_path):
   model, flat_trees, ingredients, abstract, batches = _vit_ingredients(tmp_path, 1)
   merged, record = regmean.regmean(ingredients, _restore(abstract), abstract, model,
@@ -361,6 +363,7 @@ def test_per_ingredient_steps_hold_a_few_models_over_the_devices():
     assert memory.alias_size_in_bytes >= (gram + kernel) / mesh.size
 
 
+@pytest.mark.slow
 def test_live_arrays_when_each_ingredient_is_read_do_not_grow_with_n(tmp_path):
   """Bytes of live device arrays whenever a read starts (beyond those before the merge),
   for N = 2 and N = 4: at most the recipe's sums, its statistics and one ingredient."""
@@ -389,6 +392,7 @@ def test_live_arrays_when_each_ingredient_is_read_do_not_grow_with_n(tmp_path):
       assert max(at_read) - before <= budgets[name] + 1024, (name, n, at_read, budgets)
 
 
+@pytest.mark.slow
 def test_fisher_merge_on_one_and_eight_devices_is_the_same(tmp_path):
   """On the ViT: its patch embedding's per-example kernel gradients are where XLA's SPMD
   partitioner went wrong with examples split over the devices (soups/fisher.py)."""

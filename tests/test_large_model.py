@@ -52,6 +52,7 @@ def _logits_and_grads(model, flat_params):
       {k: np.asarray(v) for k, v in grads.items()})
 
 
+@pytest.mark.slow
 def test_layer_stack_round_trip_is_exact_and_names_a_missing_block():
   flat = _plain_params()
   stacked = layer_stack.stack(flat)
@@ -68,6 +69,7 @@ def test_layer_stack_round_trip_is_exact_and_names_a_missing_block():
 
 @pytest.mark.parametrize("options", [dict(scan_layers=True), dict(remat=True),
                                      dict(scan_layers=True, remat=True)])
+@pytest.mark.slow
 def test_scanned_and_rematerialised_blocks_give_the_same_logits_and_gradients(options):
   flat = _plain_params()
   expected_logits, expected_grads = _logits_and_grads(_model(), flat)
@@ -126,6 +128,7 @@ def _one_step(config, images, labels):
   return jax.device_get(step(state, batch, jnp.int32(0)))
 
 
+@pytest.mark.slow
 def test_accumulating_micro_batches_steps_like_one_batch():
   images = jax.random.normal(jax.random.key(4), (32, 16, 16, 3))
   labels = jax.nn.one_hot(jnp.arange(32) % 10, 10)
@@ -142,6 +145,7 @@ def test_accumulating_micro_batches_steps_like_one_batch():
                                    err_msg=f"{accum} {name} {key}")
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_weights_optimizer_state_and_emas():
   images = jax.random.normal(jax.random.key(5), (16, 16, 16, 3))
   labels = jax.nn.one_hot(jnp.arange(16) % 10, 10)

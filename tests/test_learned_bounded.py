@@ -131,6 +131,7 @@ def _in_memory(flat_trees, mesh):
 
 
 @pytest.mark.parametrize("mode", learned.MODES)
+@pytest.mark.slow
 def test_block_gradient_and_step_are_the_stacked_modes_exactly(problem, mode):
   """From random logits, the block formula w_i <g, θ_i - S> is jax.grad of the stacked loss
   (all ingredients as one block, and a block of two); one step moves the block's logits as
@@ -170,6 +171,7 @@ def test_block_gradient_and_step_are_the_stacked_modes_exactly(problem, mode):
       np.testing.assert_allclose(got_leaf, mixed, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_one_block_of_all_ingredients_fits_as_the_stacked_mode(problem, mode="per_layer"):
   """block_size = N: the same Adam steps as `fit` on every batch, so the same logits (per layer:
   the mode with the most to get wrong; the first step of both is checked above)."""

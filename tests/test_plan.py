@@ -33,6 +33,7 @@ def _per_device(shapes, shards):
              for s in shapes)
 
 
+@pytest.mark.slow
 def test_plan_memory_is_the_arithmetic_of_parameter_optimizer_and_ema_bytes():
   """Replicated SGD with momentum: one copy of the weights per device for each of params,
   momentum, ema_low and ema_high. FSDP Adam over the 8 devices: two moment copies, every
@@ -66,6 +67,7 @@ def test_plan_memory_is_the_arithmetic_of_parameter_optimizer_and_ema_bytes():
   assert state <= fsdp.train.argument_bytes <= state + 64 * (28 * 28 + 5) * F32 // 8 + 1024
 
 
+@pytest.mark.slow
 def test_scanned_and_rematerialised_plans_count_the_models_flops_and_need_less_memory():
   plain = plan_lib.plan_run(_config(**{"model.variant": "pico/8"}), ["plain"])
   large = plan_lib.plan_run(_config(**{"model.variant": "pico/8", "model.scan_layers": True,

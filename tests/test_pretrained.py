@@ -55,6 +55,7 @@ def test_posemb_resample_is_bilinear_on_the_grid():
   np.testing.assert_allclose(new.reshape(g_new, g_new, width), expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_load_at_a_new_resolution_resamples_only_the_posemb(tmp_path):
   _, params_28 = _init(image_size=28)
   params_28 = _randomized(params_28)

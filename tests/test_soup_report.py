@@ -65,6 +65,7 @@ def _cook(evaluators, ingredients, datasets):
   return {"ingredients": [{"name": n, **rows[n]} for n in ingredients], "soups": soups}, journal
 
 
+@pytest.mark.slow
 def test_report_matches_results_and_direct_evaluation(data_dir, tmp_path):
   config = stored_run_config(tmp_path, **{"input.data_dir": data_dir})
   model, evaluators, params = eval_setup(config, batch_size=256, seeds=(0, 5))

@@ -40,6 +40,7 @@ def _perturbed(params, seed):
 
 
 @pytest.mark.parametrize("pool_type", ["gap", "tok"])
+@pytest.mark.slow
 def test_merged_weights_are_a_plain_vit_with_the_same_logits(pool_type):
   images = jax.random.normal(jax.random.key(1), (4, 28, 28, 1))
   ssf_model, plain_model = _model(pool_type=pool_type), _model(pool_type=pool_type, use_ssf=False)
@@ -70,6 +71,7 @@ def test_trainable_parameters_of_vit_b16_are_the_papers_count():
     {"optimizer.name": "adamw", "optimizer.weight_decay": 0.1},
     {"optimizer.name": "sgd", "optimizer.sam_rho": 0.05},
 ])
+@pytest.mark.slow
 def test_frozen_backbone_gets_exactly_zero_updates(overrides):
   config = common.base_config()
   config.update_from_flattened_dict({"model.ssf": True, "model.variant": "mu/4",

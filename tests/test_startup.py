@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import REPO
 
 # A command's start, then one compile: what `python -m train/eval/soups` do first.
@@ -28,16 +30,19 @@ def _start_and_compile(tmp_path, **env):
           for d in ("xdg/stockpot/xla", "mine")}
 
 
+@pytest.mark.slow
 def test_compiles_are_cached_under_the_users_cache_home_by_default(tmp_path):
   entries = _start_and_compile(tmp_path)
   assert any(name.startswith("jit_") for name in entries["xdg/stockpot/xla"]), entries
 
 
+@pytest.mark.slow
 def test_the_users_jax_cache_settings_win(tmp_path):
   entries = _start_and_compile(tmp_path, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "mine"))
   assert entries["xdg/stockpot/xla"] == [] and any(n.startswith("jit_") for n in entries["mine"])
 
 
+@pytest.mark.slow
 def test_the_cache_can_be_turned_off(tmp_path):
   entries = _start_and_compile(tmp_path, JAX_ENABLE_COMPILATION_CACHE="false")
   assert entries == {"xdg/stockpot/xla": [], "mine": []}

@@ -206,6 +206,7 @@ def test_dare_masks_keep_one_minus_p_and_do_not_depend_on_the_mesh():
   np.testing.assert_array_equal(sharded, masks[0.5])
 
 
+@pytest.mark.slow
 def test_dare_is_task_arithmetic_of_the_dropped_and_rescaled_task_vectors(tmp_path):
   theta0, fine = random_tree(100), [random_tree(i) for i in range(N)]
   taus = _taus(fine, theta0)
@@ -284,6 +285,7 @@ def test_per_ingredient_steps_memory_is_flat_in_the_number_of_ingredients(tmp_pa
         (memory.argument_size_in_bytes, memory.temp_size_in_bytes), name
 
 
+@pytest.mark.slow
 def test_one_and_eight_devices_cook_the_same_weights(tmp_path):
   theta0, fine = random_tree(100), [random_tree(i) for i in range(N)]
   target = trees.unflatten(random_tree(200))

@@ -160,6 +160,7 @@ def test_a_loaded_head_of_other_classes_is_named_with_both_label_sets(tmp_path, 
   assert warning(**{"input.classes": fashion_mnist.UPSTREAM_CLASSES}) == ""  # The same labels.
 
 
+@pytest.mark.slow
 def test_misspelled_or_mistyped_config_key_is_an_error(tmp_path):
   proc = run_module("train", "--config=configs/fashion_mnist.py:runlocal",
                     f"--workdir={tmp_path}", "--config.optimizer.momentun=0.5", check=False)
@@ -199,6 +200,7 @@ def test_workdir_of_another_config_is_refused(data_dir, tmp_path):
     trainer.train_and_evaluate(_config(data_dir), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
   # The learning rate warms up from 0 (step 1 is harmless) to 1e38 (step 2 overflows).
   config = _config(data_dir, **{"lr": 1e38, "log_every_steps": 1, "checkpoint.every_steps": 1,
