@@ -22,6 +22,7 @@ import re
 from absl import flags
 import jax
 import jax.numpy as jnp
+from ml_collections.config_flags import config_path
 import numpy as np
 
 from launch import sweep as sweep_lib
@@ -229,12 +230,6 @@ _SHAPE_KEYS = ("model", "num_classes", "batch_size", "eval_batch_size", "grad_ac
                "trainable")
 
 
-def _get(config, dotted):
-  for part in dotted.split("."):
-    config = config[part]
-  return config
-
-
 def run_configs(sweep_spec, mesh=None):
   """[(name, locked config)] of the sweep's start run (if any) and grid runs; `mesh` overrides
   every run's config.mesh."""
@@ -260,7 +255,7 @@ def plan_sweep(sweep_spec, mesh=None):
   """RunPlans of the sweep, one per distinct shape of run (each lists its runs' names)."""
   groups = {}
   for name, config in run_configs(sweep_spec, mesh):
-    key = repr([_get(config, k) for k in _SHAPE_KEYS] + [image_shape(config)])
+    key = repr([config_path.get_value(k, config) for k in _SHAPE_KEYS] + [image_shape(config)])
     groups.setdefault(key, []).append((name, config))
   plans = []
   for members in groups.values():

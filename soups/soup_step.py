@@ -18,6 +18,7 @@ import os
 import time
 
 import jax
+from ml_collections.config_flags import config_path
 import numpy as np
 
 from eval import ensemble
@@ -46,10 +47,11 @@ SHARED_KEYS = ("model", "num_classes", "input.dataset", "input.classes",
 WISE_FT = "wise_ft"
 
 
-def _get(config, dotted):
-  for part in dotted.split("."):
-    config = config[part]
-  return config.to_dict() if hasattr(config, "to_dict") else config
+def _shared_value(config, dotted):
+  """`config`'s value at a dotted key, a nested ConfigDict as a plain dict (compared, and named
+  in the error)."""
+  value = config_path.get_value(dotted, config)
+  return value.to_dict() if hasattr(value, "to_dict") else value
 
 
 def shared_config(ingredients):
@@ -63,10 +65,11 @@ def shared_config(ingredients):
   for ingredient in with_runs[1:]:
     config = ingredient.config()
     for key in SHARED_KEYS:
-      if _get(config, key) != _get(reference, key):
+      theirs, ours = _shared_value(reference, key), _shared_value(config, key)
+      if ours != theirs:
         raise errors.UserError(
             f"config.{key} differs between ingredients {with_runs[0].name} "
-            f"({_get(reference, key)!r}) and {ingredient.name} ({_get(config, key)!r})")
+            f"({theirs!r}) and {ingredient.name} ({ours!r})")
   return reference
 
 
